@@ -1,0 +1,302 @@
+/*
+ * main — the petrel command line:
+ *   petrel serve [-c FILE]          run the daemon in the foreground
+ *   petrel check-config [-c FILE]   validate the configuration
+ *   petrel queue list|show ID|cat ID|retry ID|delete ID|flush [-c FILE]
+ *   petrel version
+ * Without -c the embedded default configuration (config/petrel.yaml) is used.
+ * Wires config, spool, smtp_server and listeners onto one libuv loop and
+ * handles SIGTERM/SIGINT (graceful stop bounded by shutdown_timeout).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "config.h"
+#include "listener.h"
+#include "log.h"
+#include "queue_cli.h"
+#include "smtp_server.h"
+#include "spool.h"
+#include "util.h"
+
+struct main_daemon {
+    uv_loop_t loop;
+    struct petrel_config *cfg;     /* owned reference */
+    struct spool *spool;           /* owned */
+    struct smtpd_server *srv;      /* owned */
+    struct listeners *listeners;   /* owned */
+    uv_signal_t sigterm;
+    uv_signal_t sigint;
+    uv_signal_t sighup;
+    uv_timer_t shutdown_timer;
+    bool stopping;
+    bool handles_closed;
+};
+
+static void
+main_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: petrel serve [-c FILE]\n"
+            "       petrel check-config [-c FILE]\n"
+            "       petrel queue list [-c FILE]\n"
+            "       petrel queue show|cat ID [-c FILE]\n"
+            "       petrel queue retry|delete ID [-c FILE]\n"
+            "       petrel queue flush [-c FILE]\n"
+            "       petrel version\n"
+            "Without -c, the embedded default configuration is used.\n");
+}
+
+/* Loads -c FILE or the embedded default; prints errors to stderr. */
+static struct petrel_config *
+main_load_config(const char *path)
+{
+    struct petrel_config *cfg = NULL;
+    char *errors = NULL;
+    int r = path ? config_load_file(path, &cfg, &errors) : config_load_default(&cfg, &errors);
+    if (r != 0) {
+        fprintf(stderr, "%s", errors ? errors : "config: unknown error\n");
+        if (errors && errors[0] && errors[strlen(errors) - 1] != '\n')
+            fputc('\n', stderr);
+        free(errors);
+        return NULL;
+    }
+    return cfg;
+}
+
+static void
+main_close_walk(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+static void
+main_close_handles(struct main_daemon *d)
+{
+    if (d->handles_closed)
+        return;
+    d->handles_closed = true;
+    uv_close((uv_handle_t *)&d->sigterm, NULL);
+    uv_close((uv_handle_t *)&d->sigint, NULL);
+    uv_close((uv_handle_t *)&d->sighup, NULL);
+    uv_close((uv_handle_t *)&d->shutdown_timer, NULL);
+}
+
+static void
+main_on_idle(void *arg)
+{
+    struct main_daemon *d = arg;
+    log_msg(LOG_INFO, NULL, "all sessions ended");
+    main_close_handles(d);
+}
+
+static void
+main_on_shutdown_timeout(uv_timer_t *t)
+{
+    struct main_daemon *d = t->data;
+    log_msg(LOG_WARNING, NULL, "shutdown timeout: closing %zu remaining sessions",
+            smtpd_server_sessions(d->srv));
+    smtpd_server_abort_all(d->srv);
+}
+
+static void
+main_stop(struct main_daemon *d, const char *why)
+{
+    if (d->stopping) {
+        log_msg(LOG_WARNING, NULL, "%s again: closing every session now", why);
+        smtpd_server_abort_all(d->srv);
+        return;
+    }
+    d->stopping = true;
+    log_msg(LOG_INFO, NULL, "%s: stopping (no new connections; %zu sessions finishing)", why,
+            smtpd_server_sessions(d->srv));
+    listeners_stop(d->listeners);
+    smtpd_server_shutdown(d->srv);
+    if (listeners_sessions(d->listeners) == 0) {
+        main_close_handles(d);
+        return;
+    }
+    uv_timer_start(&d->shutdown_timer, main_on_shutdown_timeout, d->cfg->shutdown_timeout_ms, 0);
+}
+
+static void
+main_on_signal(uv_signal_t *h, int signum)
+{
+    struct main_daemon *d = h->data;
+    if (signum == SIGHUP) {
+        /* TODO(issue 6): reload config and Lua script on SIGHUP */
+        log_msg(LOG_WARNING, NULL, "SIGHUP: configuration reload is not supported yet; "
+                                   "restart petrel to apply changes");
+        return;
+    }
+    main_stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static int
+main_serve(const char *path)
+{
+    struct main_daemon d;
+    memset(&d, 0, sizeof(d));
+    d.cfg = main_load_config(path);
+    if (d.cfg == NULL)
+        return 1;
+    log_init((enum log_level)d.cfg->log.level, (enum log_format)d.cfg->log.format);
+    signal(SIGPIPE, SIG_IGN);
+
+    int rc = 1;
+    char *err = NULL;
+    uv_loop_init(&d.loop);
+    if (spool_open(&d.loop, d.cfg->spool, NULL, &d.spool, &err) != 0) {
+        log_msg(LOG_ERR, NULL, "cannot open spool %s: %s", d.cfg->spool, err ? err : "?");
+        goto out;
+    }
+    d.srv = smtpd_server_new(d.cfg, d.spool);
+    if (listeners_start(&d.loop, d.cfg, d.srv, &d.listeners, &err) != 0) {
+        log_msg(LOG_ERR, NULL, "%s", err);
+        uv_run(&d.loop, UV_RUN_DEFAULT); /* let the listener handles close */
+        goto out;
+    }
+    listeners_on_idle(d.listeners, main_on_idle, &d);
+
+    uv_signal_init(&d.loop, &d.sigterm);
+    uv_signal_init(&d.loop, &d.sigint);
+    uv_signal_init(&d.loop, &d.sighup);
+    uv_timer_init(&d.loop, &d.shutdown_timer);
+    d.sigterm.data = d.sigint.data = d.sighup.data = d.shutdown_timer.data = &d;
+    uv_signal_start(&d.sigterm, main_on_signal, SIGTERM);
+    uv_signal_start(&d.sigint, main_on_signal, SIGINT);
+    uv_signal_start(&d.sighup, main_on_signal, SIGHUP);
+
+    log_msg(LOG_INFO, NULL, "petrel %s started (hostname %s, spool %s, %s)", PETREL_VERSION,
+            d.cfg->hostname, d.cfg->spool, d.cfg->file);
+    uv_run(&d.loop, UV_RUN_DEFAULT);
+    rc = 0;
+    log_msg(LOG_INFO, NULL, "petrel stopped");
+
+out:
+    free(err);
+    if (d.listeners)
+        listeners_stop(d.listeners);
+    if (!d.handles_closed && d.sigterm.data)
+        main_close_handles(&d);
+    uv_run(&d.loop, UV_RUN_DEFAULT);
+    if (d.spool) {
+        struct spool_stats st;
+        spool_stats(d.spool, &st);
+        log_msg(LOG_INFO, NULL, "spool: %" PRIu64 " records in %" PRIu64 " group commits, "
+                                "%" PRIu64 " syncs since start",
+                st.records, st.commits, st.syncs);
+    }
+    spool_close(d.spool);
+    d.spool = NULL;
+    uv_walk(&d.loop, main_close_walk, NULL);
+    uv_run(&d.loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&d.loop) != 0)
+        log_msg(LOG_WARNING, NULL, "event loop closed with live handles");
+    listeners_free(d.listeners);
+    smtpd_server_free(d.srv);
+    config_unref(d.cfg);
+    return rc;
+}
+
+static int
+main_check_config(const char *path)
+{
+    struct petrel_config *cfg = main_load_config(path);
+    if (cfg == NULL)
+        return 1;
+    printf("ok\n");
+    config_unref(cfg);
+    return 0;
+}
+
+static int
+main_queue(int argc, char **argv, const char *path)
+{
+    if (argc < 1) {
+        main_usage(stderr);
+        return 2;
+    }
+    const char *verb = argv[0];
+    const char *qid = argc > 1 ? argv[1] : NULL;
+    bool needs_id = strcmp(verb, "show") == 0 || strcmp(verb, "cat") == 0
+                    || strcmp(verb, "retry") == 0 || strcmp(verb, "delete") == 0;
+    if ((needs_id && (qid == NULL || argc > 2)) || (!needs_id && argc > 1)) {
+        main_usage(stderr);
+        return 2;
+    }
+    if (strcmp(verb, "retry") == 0 || strcmp(verb, "delete") == 0 || strcmp(verb, "flush") == 0) {
+        /* TODO(admin API issue): act through the running daemon */
+        fprintf(stderr, "petrel queue %s: not yet supported (comes with the admin API); "
+                        "nothing was changed\n", verb);
+        return 2;
+    }
+    struct petrel_config *cfg = main_load_config(path);
+    if (cfg == NULL)
+        return 1;
+    int rc;
+    if (strcmp(verb, "list") == 0)
+        rc = queue_cli_list(cfg->spool, stdout, stderr);
+    else if (strcmp(verb, "show") == 0)
+        rc = queue_cli_show(cfg->spool, qid, stdout, stderr);
+    else if (strcmp(verb, "cat") == 0)
+        rc = queue_cli_cat(cfg->spool, qid, stdout, stderr);
+    else {
+        main_usage(stderr);
+        rc = 2;
+    }
+    config_unref(cfg);
+    return rc;
+}
+
+int
+main(int argc, char **argv)
+{
+    if (argc < 2) {
+        main_usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    /* pull "-c FILE" out of the remaining arguments, wherever it stands */
+    const char *path = NULL;
+    char **rest = xcalloc((size_t)argc, sizeof(*rest));
+    int nrest = 0;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "petrel: -c needs a file name\n");
+                free(rest);
+                return 2;
+            }
+            path = argv[++i];
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    int rc;
+    if (strcmp(cmd, "serve") == 0 && nrest == 0)
+        rc = main_serve(path);
+    else if (strcmp(cmd, "check-config") == 0 && nrest == 0)
+        rc = main_check_config(path);
+    else if (strcmp(cmd, "queue") == 0)
+        rc = main_queue(nrest, rest, path);
+    else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("petrel %s\n", PETREL_VERSION);
+        rc = 0;
+    } else if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+        main_usage(stdout);
+        rc = 0;
+    } else {
+        main_usage(stderr);
+        rc = 2;
+    }
+    free(rest);
+    return rc;
+}

@@ -1,0 +1,1124 @@
+/*
+ * smtp_server — server side of SMTP: one session per client connection.
+ *
+ * A session reads command lines from its conn's input buffer, dispatches
+ * them through a command table (sequence check → syntax via smtp_parse →
+ * policy → effect → reply), stages message content in memory (bounded by
+ * the listener's max_message_size) and hands the finished message to the
+ * spool. The 250 for DATA/BDAT LAST is sent only from the spool's commit
+ * callback (persist, then reply). While a commit is pending the session
+ * stops parsing; pipelined input waits in the conn buffer and is resumed
+ * afterwards. Replies are flushed when no complete command is left in the
+ * input or when the session blocks (RFC 2920 section 3.1).
+ *
+ * End of data is only <CRLF>.<CRLF>; a message holding any bare CR or bare
+ * LF is rejected with 554 5.6.0 after its real end (SMTP smuggling, see
+ * README "SMTP smuggling").
+ *
+ * Ownership: the session owns its conn (closed when the session ends) and
+ * its transaction. It is freed once the conn reported CONN_EV_CLOSED and no
+ * spool commit is pending (refcount).
+ */
+#include "smtp_server.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "buf.h"
+#include "conn.h"
+#include "log.h"
+#include "smtp_parse.h"
+#include "spool.h"
+#include "util.h"
+
+enum smtpd_state {
+    ST_GREETING,  /* banner delayed (greet_delay): the client must stay silent */
+    ST_CONNECTED, /* banner sent, no HELO/EHLO yet */
+    ST_HELO,      /* greeted, no transaction */
+    ST_MAIL,      /* MAIL accepted, no recipient yet */
+    ST_RCPT,      /* at least one recipient */
+    ST_DATA,      /* reading DATA content */
+    ST_BDAT,      /* reading a BDAT chunk */
+    ST_QUIT,      /* closing */
+};
+
+#define ST_BIT(s) (1u << (s))
+#define ST_ANY_CMD (ST_BIT(ST_CONNECTED) | ST_BIT(ST_HELO) | ST_BIT(ST_MAIL) | ST_BIT(ST_RCPT))
+
+struct smtpd_rcpt {
+    char *addr;              /* owned */
+    char *orcpt;             /* owned or NULL: "type;address" */
+    unsigned notify;
+};
+
+struct smtpd_txn {
+    char qid[SPOOL_QID_SIZE];
+    char *sender;                    /* owned; "" for <> */
+    struct smtp_mail_params params;
+    struct smtpd_rcpt *rcpts;        /* owned */
+    size_t nrcpts;
+    size_t rcpts_cap;
+    struct buf content;              /* owned: message as it will be stored */
+    uint64_t size;                   /* bytes received (counted even when discarded) */
+    bool too_big;
+    bool bdat;                       /* BDAT used in this transaction */
+    const struct reply *bdat_error;  /* failure to repeat for the remaining chunks */
+    uint64_t bdat_left;              /* bytes of the current chunk still to read */
+    bool bdat_last;
+    bool at_bol;                     /* DATA: at the beginning of a line */
+    int bdat_return;                 /* enum smtpd_state to return to after a chunk */
+    uint64_t stored_size;            /* Received header + content, as spooled */
+};
+
+struct smtpd_session {
+    struct smtpd_server *srv;            /* borrowed, outlives sessions */
+    const struct listener_config *lc;    /* borrowed from srv->cfg */
+    struct conn *conn;                   /* owned; NULL once closed */
+    struct smtpd_session *prev, *next;   /* srv->sessions list */
+    smtpd_session_end_cb *end_cb;
+    void *end_arg;
+    uint64_t id;
+    int refs;                            /* conn + pending commits */
+    enum smtpd_state state;
+    bool esmtp;
+    bool blocked;                        /* waiting for the spool; do not parse */
+    bool skipping;                       /* discarding an over-long command line */
+    bool quitting;                       /* close after the output drains */
+    bool goodbye_sent;
+    char helo[SMTP_HOSTNAME_MAX + 1];
+    char client[80];                       /* "[ip]:port" for logs */
+    unsigned errors;
+    unsigned counts[SMTP_XBIND + 1];     /* per verb, for the disconnect line */
+    unsigned unknown_count;
+    struct smtpd_txn txn;
+};
+
+struct smtpd_server {
+    struct petrel_config *cfg;   /* owned reference */
+    struct spool *spool;         /* borrowed */
+    struct smtpd_session *sessions;
+    size_t nsessions;
+    uint64_t next_id;
+    bool shutting_down;
+};
+
+static void smtpd_process(struct smtpd_session *s);
+static void smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg);
+static void smtpd_send_banner(struct smtpd_session *s);
+
+/* ---- server ---------------------------------------------------------- */
+
+struct smtpd_server *
+smtpd_server_new(struct petrel_config *cfg, struct spool *spool)
+{
+    struct smtpd_server *srv = xcalloc(1, sizeof(*srv));
+    srv->cfg = config_ref(cfg);
+    srv->spool = spool;
+    srv->next_id = 1;
+    return srv;
+}
+
+void
+smtpd_server_free(struct smtpd_server *srv)
+{
+    if (srv == NULL)
+        return;
+    if (srv->nsessions != 0)
+        PANIC("smtpd_server_free with %zu live sessions", srv->nsessions);
+    config_unref(srv->cfg);
+    free(srv);
+}
+
+size_t
+smtpd_server_sessions(const struct smtpd_server *srv)
+{
+    return srv->nsessions;
+}
+
+/* ---- output ---------------------------------------------------------- */
+
+static void
+smtpd_trace_out(struct smtpd_session *s, const char *p, size_t n)
+{
+    if (!log_enabled(LOG_DEBUG))
+        return;
+    struct log_line ll;
+    log_begin(&ll, LOG_DEBUG, s->txn.qid[0] ? s->txn.qid : NULL);
+    log_event(&ll, ">>>");
+    log_kv(&ll, "session", "%" PRIu64, s->id);
+    log_kv_vis(&ll, "data", p, n >= 2 ? n - 2 : n);
+    log_end(&ll);
+}
+
+static void
+smtpd_write_line(struct smtpd_session *s, const char *p, size_t n)
+{
+    if (s->conn == NULL)
+        return;
+    smtpd_trace_out(s, p, n);
+    conn_write(s->conn, p, n);
+}
+
+/* Sends "code esc text" (or "code text" for replies without an enhanced
+ * code, i.e. 354). Counts error replies. */
+static void
+smtpd_reply_text(struct smtpd_session *s, int code, const char *esc, const char *text)
+{
+    char line[1024];
+    int n;
+    if (esc && esc[0])
+        n = snprintf(line, sizeof(line), "%d %s %s\r\n", code, esc, text);
+    else
+        n = snprintf(line, sizeof(line), "%d %s\r\n", code, text);
+    if (n < 0)
+        return;
+    if ((size_t)n >= sizeof(line)) {
+        n = sizeof(line) - 1;
+        line[n - 2] = '\r';
+        line[n - 1] = '\n';
+    }
+    smtpd_write_line(s, line, (size_t)n);
+    if (code >= 400)
+        s->errors++;
+}
+
+static void
+smtpd_reply(struct smtpd_session *s, const struct reply *r)
+{
+    smtpd_reply_text(s, r->code, r->esc, r->text);
+}
+
+/* ---- logging ---------------------------------------------------------- */
+
+static void
+smtpd_log_begin(struct smtpd_session *s, struct log_line *ll, enum log_level lvl,
+                const char *event, bool with_qid)
+{
+    log_begin(ll, lvl, with_qid && s->txn.qid[0] ? s->txn.qid : NULL);
+    log_event(ll, event);
+    log_kv(ll, "session", "%" PRIu64, s->id);
+}
+
+/* Logs an envelope address as <addr>, escaped. */
+static void
+smtpd_log_addr(struct log_line *ll, const char *name, const char *addr)
+{
+    char vis[600];
+    str_vis(vis, sizeof(vis), addr, strlen(addr));
+    log_kv(ll, name, "<%s>", vis);
+}
+
+static void
+smtpd_log_reject(struct smtpd_session *s, const char *cmd, const struct reply *r,
+                 const char *rcpt)
+{
+    struct log_line ll;
+    smtpd_log_begin(s, &ll, LOG_INFO, "reject", true);
+    log_kv(&ll, "cmd", "%s", cmd);
+    log_kv(&ll, "client", "%s", s->client);
+    if (r->esc[0])
+        log_kv(&ll, "reply", "%d %s %s", r->code, r->esc, r->text);
+    else
+        log_kv(&ll, "reply", "%d %s", r->code, r->text);
+    if (s->txn.sender)
+        smtpd_log_addr(&ll, "from", s->txn.sender);
+    if (rcpt)
+        smtpd_log_addr(&ll, "to", rcpt);
+    if (s->helo[0])
+        smtpd_log_addr(&ll, "helo", s->helo);
+    log_end(&ll);
+}
+
+static void
+smtpd_reject(struct smtpd_session *s, const char *cmd, const struct reply *r, const char *rcpt)
+{
+    smtpd_log_reject(s, cmd, r, rcpt);
+    smtpd_reply(s, r);
+}
+
+/* ---- transaction ----------------------------------------------------- */
+
+static void
+smtpd_txn_reset(struct smtpd_session *s)
+{
+    struct smtpd_txn *t = &s->txn;
+    free(t->sender);
+    for (size_t i = 0; i < t->nrcpts; i++) {
+        free(t->rcpts[i].addr);
+        free(t->rcpts[i].orcpt);
+    }
+    free(t->rcpts);
+    buf_reset(&t->content);
+    memset(t, 0, sizeof(*t));
+    if (s->state == ST_MAIL || s->state == ST_RCPT || s->state == ST_DATA
+        || s->state == ST_BDAT)
+        s->state = ST_HELO;
+}
+
+static bool
+smtpd_in_txn(const struct smtpd_session *s)
+{
+    return s->txn.sender != NULL;
+}
+
+/* ---- lifecycle ------------------------------------------------------- */
+
+static void
+smtpd_session_unref(struct smtpd_session *s)
+{
+    if (--s->refs > 0)
+        return;
+    struct smtpd_server *srv = s->srv;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        srv->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    srv->nsessions--;
+    smtpd_txn_reset(s);
+    smtpd_session_end_cb *cb = s->end_cb;
+    void *arg = s->end_arg;
+    free(s);
+    if (cb)
+        cb(arg);
+}
+
+static void
+smtpd_log_disconnect(struct smtpd_session *s)
+{
+    static const char *const names[] = {
+        [SMTP_EHLO] = "ehlo", [SMTP_HELO] = "helo", [SMTP_MAIL] = "mail",
+        [SMTP_RCPT] = "rcpt", [SMTP_DATA] = "data", [SMTP_BDAT] = "bdat",
+        [SMTP_RSET] = "rset", [SMTP_NOOP] = "noop", [SMTP_QUIT] = "quit",
+        [SMTP_VRFY] = "vrfy", [SMTP_EXPN] = "expn", [SMTP_HELP] = "help",
+        [SMTP_STARTTLS] = "starttls", [SMTP_AUTH] = "auth", [SMTP_XBIND] = "xbind",
+    };
+    char counts[512];
+    size_t o = 0;
+    counts[0] = '\0';
+    for (size_t v = 1; v < ARRAY_SIZE(names); v++) {
+        if (s->counts[v] == 0 || names[v] == NULL)
+            continue;
+        int n = snprintf(counts + o, sizeof(counts) - o, "%s%s=%u", o ? " " : "", names[v],
+                         s->counts[v]);
+        if (n < 0 || (size_t)n >= sizeof(counts) - o)
+            break;
+        o += (size_t)n;
+    }
+    if (s->unknown_count && o < sizeof(counts)) {
+        int n = snprintf(counts + o, sizeof(counts) - o, "%sunknown=%u", o ? " " : "",
+                         s->unknown_count);
+        if (n > 0 && (size_t)n < sizeof(counts) - o)
+            o += (size_t)n;
+    }
+    struct log_line ll;
+    smtpd_log_begin(s, &ll, LOG_INFO, "disconnect", false);
+    log_kv(&ll, "client", "%s", s->client);
+    log_kv(&ll, "counts", "%s", counts);
+    log_end(&ll);
+}
+
+/* Sends the pending output and closes the connection once it drained. */
+static void
+smtpd_close(struct smtpd_session *s)
+{
+    if (s->state == ST_QUIT || s->conn == NULL)
+        return;
+    s->state = ST_QUIT;
+    smtpd_log_disconnect(s);
+    conn_close(s->conn);
+}
+
+static void
+smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg)
+{
+    struct smtpd_session *s = arg;
+    (void)c;
+    switch (ev) {
+    case CONN_EV_DATA:
+        if (s->state == ST_GREETING) {
+            smtpd_reject(s, "CONNECT", &R_EARLY_TALKER, NULL);
+            smtpd_close(s);
+            return;
+        }
+        conn_set_timeout(s->conn, (s->state == ST_DATA || s->state == ST_BDAT)
+                                      ? s->lc->data_timeout_ms
+                                      : s->lc->command_timeout_ms);
+        smtpd_process(s);
+        return;
+    case CONN_EV_TIMEOUT:
+        if (s->state == ST_GREETING) {
+            if (conn_peer_sent_data(s->conn)) {
+                smtpd_reject(s, "CONNECT", &R_EARLY_TALKER, NULL);
+                smtpd_close(s);
+                return;
+            }
+            s->state = ST_CONNECTED;
+            smtpd_send_banner(s);
+            conn_set_timeout(s->conn, s->lc->command_timeout_ms);
+            return;
+        }
+        if (s->blocked) {
+            conn_set_timeout(s->conn, s->lc->command_timeout_ms);
+            return; /* our own spool is slow; the client is not to blame */
+        }
+        {
+            struct log_line ll;
+            smtpd_log_begin(s, &ll, LOG_INFO, "timeout", true);
+            log_kv(&ll, "client", "%s", s->client);
+            log_kv(&ll, "state", "%d", (int)s->state);
+            log_end(&ll);
+        }
+        smtpd_reply(s, &R_TIMEOUT);
+        smtpd_close(s);
+        return;
+    case CONN_EV_EOF:
+    case CONN_EV_ERROR:
+        if (ev == CONN_EV_ERROR && log_enabled(LOG_DEBUG))
+            log_msg(LOG_DEBUG, NULL, "session=%" PRIu64 " connection error %d", s->id, status);
+        if (s->state != ST_QUIT && smtpd_in_txn(s) && !s->blocked) {
+            struct log_line ll;
+            smtpd_log_begin(s, &ll, LOG_INFO, "lost connection", true);
+            log_kv(&ll, "client", "%s", s->client);
+            log_end(&ll);
+        }
+        smtpd_close(s);
+        return;
+    case CONN_EV_DRAINED:
+        return;
+    case CONN_EV_CLOSED:
+        s->conn = NULL;
+        smtpd_session_unref(s);
+        return;
+    }
+}
+
+static void
+smtpd_send_banner(struct smtpd_session *s)
+{
+    char line[512];
+    int n = snprintf(line, sizeof(line), "220 %s ESMTP petrel\r\n", s->srv->cfg->hostname);
+    if (n > 0 && (size_t)n < sizeof(line))
+        smtpd_write_line(s, line, (size_t)n);
+    conn_flush(s->conn);
+}
+
+void
+smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, struct conn *c,
+                    const struct reply *refuse, smtpd_session_end_cb *end_cb, void *end_arg)
+{
+    struct smtpd_session *s = xcalloc(1, sizeof(*s));
+    s->srv = srv;
+    s->lc = lc;
+    s->conn = c;
+    s->end_cb = end_cb;
+    s->end_arg = end_arg;
+    s->id = srv->next_id++;
+    s->refs = 1;
+    s->next = srv->sessions;
+    if (srv->sessions)
+        srv->sessions->prev = s;
+    srv->sessions = s;
+    srv->nsessions++;
+    const char *ip = conn_peer_ip(c);
+    snprintf(s->client, sizeof(s->client), "[%s]:%d", ip, conn_peer_port(c));
+    conn_set_callback(c, smtpd_on_conn, s);
+    /* pipelined input beyond a few lines waits in the kernel, not in memory */
+    conn_set_input_limit(c, (size_t)lc->max_line_length * 4 + 65536);
+
+    struct log_line ll;
+    smtpd_log_begin(s, &ll, LOG_INFO, "connect", false);
+    log_kv(&ll, "client", "%s", s->client);
+    log_kv(&ll, "listener", "%s", lc->name);
+    log_end(&ll);
+
+    if (refuse != NULL) {
+        smtpd_reject(s, "CONNECT", refuse, NULL);
+        smtpd_close(s);
+        return;
+    }
+    if (srv->shutting_down) {
+        smtpd_reject(s, "CONNECT", &R_SHUTDOWN, NULL);
+        smtpd_close(s);
+        return;
+    }
+    if (lc->greet_delay_ms > 0) {
+        s->state = ST_GREETING;
+        conn_set_timeout(c, lc->greet_delay_ms);
+        return;
+    }
+    if (conn_peer_sent_data(c)) {
+        /* bytes before our banner was even sent: an early talker */
+        smtpd_reject(s, "CONNECT", &R_EARLY_TALKER, NULL);
+        smtpd_close(s);
+        return;
+    }
+    s->state = ST_CONNECTED;
+    smtpd_send_banner(s);
+    conn_set_timeout(c, lc->command_timeout_ms);
+}
+
+/* ---- commands -------------------------------------------------------- */
+
+static void
+smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    char name[SMTP_HOSTNAME_MAX + 1];
+    const struct reply *r = smtp_parse_helo(cmd->args, name, sizeof(name));
+    if (r) {
+        smtpd_reject(s, cmd->verb == SMTP_EHLO ? "EHLO" : "HELO", r, NULL);
+        return;
+    }
+    smtpd_txn_reset(s); /* RFC 5321 4.1.4: EHLO resets the transaction */
+    memcpy(s->helo, name, sizeof(s->helo));
+    s->esmtp = cmd->verb == SMTP_EHLO;
+    s->state = ST_HELO;
+    const char *host = s->srv->cfg->hostname;
+    if (!s->esmtp) {
+        char line[512];
+        int n = snprintf(line, sizeof(line), "250 %s\r\n", host);
+        if (n > 0 && (size_t)n < sizeof(line))
+            smtpd_write_line(s, line, (size_t)n);
+        return;
+    }
+    struct buf b;
+    buf_init(&b);
+    buf_printf(&b, "250-%s\r\n", host);
+    buf_append_str(&b, "250-PIPELINING\r\n");
+    buf_printf(&b, "250-SIZE %" PRIu64 "\r\n", s->lc->max_message_size);
+    buf_append_str(&b, "250-8BITMIME\r\n");
+    buf_append_str(&b, "250-ENHANCEDSTATUSCODES\r\n");
+    buf_append_str(&b, "250-SMTPUTF8\r\n");
+    buf_append_str(&b, "250-CHUNKING\r\n");
+    buf_append_str(&b, "250 DSN\r\n");
+    smtpd_write_line(s, buf_ptr(&b), b.len);
+    buf_reset(&b);
+}
+
+static void
+smtpd_cmd_mail(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    if (s->state == ST_CONNECTED) {
+        smtpd_reject(s, "MAIL", &R_BAD_SEQ_HELO, NULL);
+        return;
+    }
+    if (smtpd_in_txn(s)) {
+        smtpd_reject(s, "MAIL", &R_BAD_SEQ_NESTED, NULL);
+        return;
+    }
+    if (s->srv->shutting_down) {
+        smtpd_reject(s, "MAIL", &R_SHUTDOWN, NULL);
+        smtpd_close(s);
+        return;
+    }
+    if (!cmd->mail_from) {
+        smtpd_reject(s, "MAIL", &R_MAIL_SYNTAX, NULL);
+        return;
+    }
+    char addr[SMTP_ADDR_SIZE];
+    struct smtp_mail_params p;
+    memset(&p, 0, sizeof(p));
+    const struct reply *r = smtp_parse_mail(cmd->args, addr, sizeof(addr), &p);
+    if (r == NULL && p.has_size && p.size > s->lc->max_message_size)
+        r = &R_SIZE_EXCEEDED;
+    if (r == NULL && p.has_xbind)
+        r = &R_BAD_PARAM; /* XBIND arrives with the source-selection work */
+    if (r) {
+        smtpd_reject(s, "MAIL", r, NULL);
+        return;
+    }
+    struct smtpd_txn *t = &s->txn;
+    t->sender = xstrdup(addr);
+    t->params = p;
+    t->at_bol = true;
+    spool_new_qid(s->srv->spool, t->qid);
+    s->state = ST_MAIL;
+    smtpd_reply(s, &R_SENDER_OK);
+}
+
+static bool
+smtpd_domain_listed(const struct str_list *l, struct span dom)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        const char *d = l->v[i];
+        if (d[0] == '*' && d[1] == '.') {
+            size_t n = strlen(d + 1); /* ".example.com" */
+            if (dom.len > n && ascii_ncasecmp(dom.p + dom.len - n, d + 1, n) == 0)
+                return true;
+        } else if (span_eq_ci(dom, d)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Relay control: recipients in relay.domains come from anyone; anything
+ * else only from relay.clients. The bare Postmaster is always accepted. */
+static bool
+smtpd_may_relay(const struct smtpd_session *s, const char *rcpt)
+{
+    struct span dom = smtp_addr_domain(rcpt);
+    if (dom.len == 0)
+        return true; /* <Postmaster> (RFC 5321 4.5.1) */
+    if (smtpd_domain_listed(&s->srv->cfg->relay.domains, dom))
+        return true;
+    return cidr_list_match(&s->srv->cfg->relay.clients, conn_peer_addr(s->conn));
+}
+
+static void
+smtpd_cmd_rcpt(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    if (!smtpd_in_txn(s)) {
+        smtpd_reject(s, "RCPT", s->state == ST_CONNECTED ? &R_BAD_SEQ_HELO : &R_BAD_SEQ_MAIL,
+                     NULL);
+        return;
+    }
+    if (s->txn.bdat) {
+        smtpd_reject(s, "RCPT", &R_BAD_SEQ_BDAT, NULL);
+        return;
+    }
+    if (!cmd->rcpt_to) {
+        smtpd_reject(s, "RCPT", &R_RCPT_SYNTAX, NULL);
+        return;
+    }
+    char addr[SMTP_ADDR_SIZE];
+    struct smtp_rcpt_params p;
+    memset(&p, 0, sizeof(p));
+    const struct reply *r = smtp_parse_rcpt(cmd->args, s->txn.params.smtputf8, addr,
+                                            sizeof(addr), &p);
+    if (r) {
+        smtpd_reject(s, "RCPT", r, NULL);
+        return;
+    }
+    struct smtpd_txn *t = &s->txn;
+    if (t->nrcpts >= s->lc->max_recipients) {
+        smtpd_reject(s, "RCPT", &R_TOO_MANY_RCPTS, addr);
+        return;
+    }
+    if (!smtpd_may_relay(s, addr)) {
+        smtpd_reject(s, "RCPT", &R_RELAY_DENIED, addr);
+        return;
+    }
+    if (t->nrcpts == t->rcpts_cap) {
+        t->rcpts_cap = t->rcpts_cap ? t->rcpts_cap * 2 : 4;
+        t->rcpts = xreallocarray(t->rcpts, t->rcpts_cap, sizeof(*t->rcpts));
+    }
+    struct smtpd_rcpt *rc = &t->rcpts[t->nrcpts++];
+    rc->addr = xstrdup(addr);
+    rc->notify = p.notify;
+    rc->orcpt = p.orcpt_type[0] ? xasprintf("%s;%s", p.orcpt_type, p.orcpt) : NULL;
+    s->state = ST_RCPT;
+    smtpd_reply(s, &R_RCPT_OK);
+}
+
+static void
+smtpd_cmd_data(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    if (cmd->args.len > 0) {
+        smtpd_reject(s, "DATA", &R_NO_ARGS, NULL);
+        return;
+    }
+    if (s->txn.bdat) {
+        smtpd_reject(s, "DATA", &R_BAD_SEQ_BDAT, NULL);
+        return;
+    }
+    if (s->state != ST_RCPT) {
+        const struct reply *r = s->state == ST_CONNECTED ? &R_BAD_SEQ_HELO
+                                : smtpd_in_txn(s)         ? &R_BAD_SEQ_RCPT
+                                                          : &R_BAD_SEQ_MAIL;
+        smtpd_reject(s, "DATA", r, NULL);
+        return;
+    }
+    s->state = ST_DATA;
+    s->txn.at_bol = true;
+    smtpd_reply(s, &R_DATA_GO);
+    conn_set_timeout(s->conn, s->lc->data_timeout_ms);
+}
+
+static void
+smtpd_cmd_bdat(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    uint64_t size;
+    bool last;
+    const struct reply *r = smtp_parse_bdat(cmd->args, &size, &last);
+    if (r) {
+        /* without a valid size the chunk cannot be skipped: the stream is
+         * out of sync, so the connection must go (RFC 3030 section 2) */
+        smtpd_reject(s, "BDAT", r, NULL);
+        smtpd_close(s);
+        return;
+    }
+    struct smtpd_txn *t = &s->txn;
+    const struct reply *err = NULL;
+    if (s->state == ST_CONNECTED)
+        err = &R_BAD_SEQ_HELO;
+    else if (!smtpd_in_txn(s))
+        err = &R_BAD_SEQ_MAIL;
+    else if (t->nrcpts == 0)
+        err = &R_BAD_SEQ_RCPT;
+    if (err) {
+        /* read and discard the chunk, then answer the error */
+        t->bdat_error = err;
+    }
+    t->bdat = smtpd_in_txn(s);
+    t->bdat_return = (int)s->state;
+    t->bdat_left = size;
+    t->bdat_last = last;
+    s->state = ST_BDAT;
+    conn_set_timeout(s->conn, s->lc->data_timeout_ms);
+}
+
+static void
+smtpd_cmd_rset(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    if (cmd->args.len > 0) {
+        smtpd_reject(s, "RSET", &R_NO_ARGS, NULL);
+        return;
+    }
+    smtpd_txn_reset(s);
+    smtpd_reply(s, &R_RESET_OK);
+}
+
+static void
+smtpd_cmd_quit(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    (void)cmd;
+    smtpd_reply(s, &R_BYE);
+    s->goodbye_sent = true;
+    smtpd_close(s);
+}
+
+static void
+smtpd_cmd_simple(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    switch (cmd->verb) {
+    case SMTP_NOOP:
+        smtpd_reply(s, &R_NOOP_OK);
+        break;
+    case SMTP_VRFY:
+        if (cmd->args.len == 0)
+            smtpd_reject(s, "VRFY", &R_SYNTAX, NULL);
+        else
+            smtpd_reply(s, &R_VRFY);
+        break;
+    case SMTP_HELP:
+        smtpd_reply(s, &R_HELP);
+        break;
+    default:
+        /* EXPN, STARTTLS, AUTH, XBIND: not offered (yet) */
+        smtpd_reject(s, "CMD", &R_NOT_IMPL, NULL);
+        break;
+    }
+}
+
+/* ---- message content ------------------------------------------------- */
+
+/* Appends bytes to the staged message unless it is already too big. */
+static void
+smtpd_content_add(struct smtpd_session *s, const char *p, size_t n)
+{
+    struct smtpd_txn *t = &s->txn;
+    t->size += n;
+    if (t->too_big)
+        return;
+    if (t->size > s->lc->max_message_size) {
+        t->too_big = true;
+        buf_reset(&t->content);
+        return;
+    }
+    buf_append(&t->content, p, n);
+}
+
+/* True if content holds a CR not followed by LF or an LF not preceded by CR. */
+static bool
+smtpd_has_bare_cr_lf(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *q = memchr(p + i, '\r', n - i);
+        const char *l = memchr(p + i, '\n', n - i);
+        if (q == NULL && l == NULL)
+            return false;
+        if (l != NULL && (q == NULL || l < q))
+            return true; /* LF before any CR: bare */
+        size_t at = (size_t)(q - p);
+        if (at + 1 >= n || p[at + 1] != '\n')
+            return true;
+        i = at + 1;
+    }
+    return false;
+}
+
+/* Counts Received: header fields in the header section (hop count,
+ * RFC 5321 6.3). */
+static unsigned
+smtpd_count_received(const char *p, size_t n)
+{
+    unsigned count = 0;
+    size_t i = 0;
+    while (i < n) {
+        const char *eol = memchr(p + i, '\n', n - i);
+        size_t len = eol ? (size_t)(eol - (p + i)) + 1 : n - i;
+        if (len <= 2 && (p[i] == '\r' || p[i] == '\n'))
+            break; /* empty line: end of headers */
+        if (len >= 9 && ascii_ncasecmp(p + i, "Received:", 9) == 0)
+            count++;
+        i += len;
+    }
+    return count;
+}
+
+static void
+smtpd_build_received(struct smtpd_session *s, struct buf *out)
+{
+    const struct smtpd_txn *t = &s->txn;
+    const char *proto = t->params.smtputf8 ? "UTF8ESMTP" : s->esmtp ? "ESMTP" : "SMTP";
+    char date[64];
+    rfc5322_date(date, sizeof(date), now_ms() / 1000);
+    buf_printf(out, "Received: from %s ([%s])\r\n\tby %s (petrel) with %s id %s", s->helo,
+               conn_peer_ip(s->conn), s->srv->cfg->hostname, proto, t->qid);
+    if (t->nrcpts == 1)
+        buf_printf(out, "\r\n\tfor <%s>", t->rcpts[0].addr);
+    buf_printf(out, "; %s\r\n", date);
+}
+
+static void
+smtpd_on_commit(int status, void *arg)
+{
+    struct smtpd_session *s = arg;
+    s->blocked = false;
+    if (s->conn != NULL && s->state != ST_QUIT) {
+        if (status == 0) {
+            char text[128];
+            snprintf(text, sizeof(text), "Ok: queued as %s", s->txn.qid);
+            smtpd_reply_text(s, 250, "2.0.0", text);
+            struct log_line ll;
+            smtpd_log_begin(s, &ll, LOG_INFO, "queued", true);
+            log_kv(&ll, "client", "%s", s->client);
+            smtpd_log_addr(&ll, "from", s->txn.sender);
+            log_kv(&ll, "size", "%" PRIu64, s->txn.stored_size);
+            log_kv(&ll, "nrcpt", "%zu", s->txn.nrcpts);
+            log_kv(&ll, "proto", "%s",
+                   s->txn.params.smtputf8 ? "UTF8ESMTP" : s->esmtp ? "ESMTP" : "SMTP");
+            smtpd_log_addr(&ll, "helo", s->helo);
+            log_end(&ll);
+        } else {
+            log_msg(LOG_WARNING, s->txn.qid, "spool commit failed: %s", strerror(-status));
+            smtpd_reject(s, s->txn.bdat ? "BDAT" : "DATA", &R_SPOOL_FAILED, NULL);
+        }
+        smtpd_txn_reset(s);
+        if (s->srv->shutting_down) {
+            smtpd_reply(s, &R_SHUTDOWN);
+            smtpd_close(s);
+        } else {
+            conn_set_timeout(s->conn, s->lc->command_timeout_ms);
+            conn_resume_read(s->conn);
+            smtpd_process(s);
+        }
+    } else {
+        smtpd_txn_reset(s);
+    }
+    smtpd_session_unref(s);
+}
+
+/* The whole message is in: check it, then persist it (the reply comes from
+ * smtpd_on_commit). */
+static void
+smtpd_end_of_message(struct smtpd_session *s)
+{
+    struct smtpd_txn *t = &s->txn;
+    const char *cmd = t->bdat ? "BDAT" : "DATA";
+    const struct reply *r = NULL;
+    if (t->too_big)
+        r = &R_SIZE_EXCEEDED;
+    else if (smtpd_has_bare_cr_lf(buf_ptr(&t->content), t->content.len))
+        r = &R_BARE_LF;
+    else if (smtpd_count_received(buf_ptr(&t->content), t->content.len)
+             >= s->lc->max_received_headers)
+        r = &R_HOPS_EXCEEDED;
+    if (r) {
+        smtpd_reject(s, cmd, r, NULL);
+        smtpd_txn_reset(s);
+        return;
+    }
+
+    struct buf received;
+    buf_init(&received);
+    smtpd_build_received(s, &received);
+
+    struct spool_envelope env;
+    memset(&env, 0, sizeof(env));
+    memcpy(env.qid, t->qid, sizeof(env.qid));
+    env.arrival_ms = now_ms();
+    env.sender = t->sender;
+    struct spool_rcpt *rcpts = xcalloc(t->nrcpts, sizeof(*rcpts));
+    for (size_t i = 0; i < t->nrcpts; i++) {
+        rcpts[i].addr = t->rcpts[i].addr;
+        rcpts[i].orcpt = t->rcpts[i].orcpt;
+        rcpts[i].notify = t->rcpts[i].notify;
+        rcpts[i].state = SPOOL_RCPT_PENDING;
+    }
+    env.rcpts = rcpts;
+    env.nrcpts = t->nrcpts;
+    env.size_param = t->params.has_size ? t->params.size : 0;
+    env.body = (int)t->params.body;
+    env.smtputf8 = t->params.smtputf8;
+    env.ret = (int)t->params.ret;
+    env.envid = t->params.envid[0] ? t->params.envid : NULL;
+    env.listener = s->lc->name;
+    env.local_ip = (char *)conn_local_ip(s->conn);
+    env.client_ip = (char *)conn_peer_ip(s->conn);
+    env.client_helo = s->helo;
+    env.content_size = received.len + t->content.len;
+    t->stored_size = env.content_size;
+
+    struct span parts[2] = {
+        { buf_ptr(&received), received.len },
+        { buf_ptr(&t->content), t->content.len },
+    };
+    s->blocked = true;
+    s->refs++;
+    spool_submit(s->srv->spool, &env, parts, 2, smtpd_on_commit, s);
+    free(rcpts); /* spool_submit copied everything */
+    buf_reset(&received);
+}
+
+/* DATA: consumes content lines; returns false when more input is needed. */
+static bool
+smtpd_read_data(struct smtpd_session *s)
+{
+    struct buf *in = conn_input(s->conn);
+    struct smtpd_txn *t = &s->txn;
+    for (;;) {
+        struct span line;
+        size_t used;
+        /* no line limit here: long lines are passed through in pieces */
+        enum buf_line st = buf_getline(in, in->len + 1, &line, &used);
+        if (st == BUF_LINE_PARTIAL) {
+            /* keep the tail (a CR may be half of a CRLF); move the rest on
+             * so a huge line does not pile up in the input buffer */
+            if (in->len > 65536) {
+                size_t n = in->len - 1;
+                const char *p = buf_ptr(in);
+                if (t->at_bol && p[0] == '.') {
+                    p++; /* dot-unstuffing (RFC 5321 4.5.2) */
+                    n--;
+                    buf_consume(in, 1);
+                }
+                smtpd_content_add(s, p, n);
+                buf_consume(in, n);
+                t->at_bol = false;
+            }
+            return false;
+        }
+        const char *p = line.p;
+        size_t n = line.len;
+        if (t->at_bol && n == 1 && p[0] == '.') {
+            buf_consume(in, used);
+            s->state = ST_RCPT;
+            smtpd_end_of_message(s);
+            return true;
+        }
+        if (t->at_bol && n > 0 && p[0] == '.') {
+            p++;
+            n--;
+        }
+        smtpd_content_add(s, p, n + 2); /* the line and its CRLF */
+        buf_consume(in, used);
+        t->at_bol = true;
+    }
+}
+
+/* BDAT: consumes chunk bytes; returns false when more input is needed. */
+static bool
+smtpd_read_bdat(struct smtpd_session *s)
+{
+    struct buf *in = conn_input(s->conn);
+    struct smtpd_txn *t = &s->txn;
+    size_t n = in->len < t->bdat_left ? in->len : (size_t)t->bdat_left;
+    if (n > 0) {
+        if (t->bdat_error == NULL)
+            smtpd_content_add(s, buf_ptr(in), n);
+        buf_consume(in, n);
+        t->bdat_left -= n;
+    }
+    if (t->bdat_left > 0)
+        return false;
+
+    s->state = (enum smtpd_state)t->bdat_return;
+    if (t->bdat_error) {
+        const struct reply *err = t->bdat_error;
+        smtpd_reject(s, "BDAT", err, NULL);
+        if (t->bdat_last || !smtpd_in_txn(s))
+            smtpd_txn_reset(s);
+        return true;
+    }
+    if (t->too_big) {
+        smtpd_reject(s, "BDAT", &R_SIZE_EXCEEDED, NULL);
+        if (t->bdat_last)
+            smtpd_txn_reset(s);
+        else
+            t->bdat_error = &R_SIZE_EXCEEDED; /* every further chunk fails too */
+        return true;
+    }
+    if (t->bdat_last) {
+        smtpd_end_of_message(s);
+        return true;
+    }
+    char text[96];
+    snprintf(text, sizeof(text), "Ok: %" PRIu64 " octets received", t->size);
+    smtpd_reply_text(s, 250, "2.0.0", text);
+    return true;
+}
+
+/* ---- dispatch -------------------------------------------------------- */
+
+typedef void smtpd_cmd_fn(struct smtpd_session *s, const struct smtp_cmd *cmd);
+
+struct smtpd_cmd_entry {
+    enum smtp_verb verb;
+    const char *name;
+    smtpd_cmd_fn *fn;
+};
+
+static const struct smtpd_cmd_entry smtpd_cmds[] = {
+    { SMTP_EHLO, "EHLO", smtpd_cmd_helo },
+    { SMTP_HELO, "HELO", smtpd_cmd_helo },
+    { SMTP_MAIL, "MAIL", smtpd_cmd_mail },
+    { SMTP_RCPT, "RCPT", smtpd_cmd_rcpt },
+    { SMTP_DATA, "DATA", smtpd_cmd_data },
+    { SMTP_BDAT, "BDAT", smtpd_cmd_bdat },
+    { SMTP_RSET, "RSET", smtpd_cmd_rset },
+    { SMTP_NOOP, "NOOP", smtpd_cmd_simple },
+    { SMTP_QUIT, "QUIT", smtpd_cmd_quit },
+    { SMTP_VRFY, "VRFY", smtpd_cmd_simple },
+    { SMTP_EXPN, "EXPN", smtpd_cmd_simple },
+    { SMTP_HELP, "HELP", smtpd_cmd_simple },
+    { SMTP_STARTTLS, "STARTTLS", smtpd_cmd_simple },
+    { SMTP_AUTH, "AUTH", smtpd_cmd_simple },
+    { SMTP_XBIND, "XBIND", smtpd_cmd_simple },
+};
+
+static void
+smtpd_trace_in(struct smtpd_session *s, struct span line)
+{
+    if (!log_enabled(LOG_DEBUG))
+        return;
+    struct log_line ll;
+    log_begin(&ll, LOG_DEBUG, s->txn.qid[0] ? s->txn.qid : NULL);
+    log_event(&ll, "<<<");
+    log_kv(&ll, "session", "%" PRIu64, s->id);
+    log_kv_vis(&ll, "data", line.p, line.len);
+    log_end(&ll);
+}
+
+static void
+smtpd_dispatch(struct smtpd_session *s, struct span line)
+{
+    smtpd_trace_in(s, line);
+    struct smtp_cmd cmd;
+    smtp_parse_command(line, &cmd);
+    for (size_t i = 0; i < ARRAY_SIZE(smtpd_cmds); i++) {
+        if (smtpd_cmds[i].verb == cmd.verb) {
+            s->counts[cmd.verb]++;
+            smtpd_cmds[i].fn(s, &cmd);
+            return;
+        }
+    }
+    s->unknown_count++;
+    smtpd_reject(s, "UNKNOWN", &R_UNKNOWN_CMD, NULL);
+}
+
+/* Runs pipelined commands until input runs out or the session blocks. */
+static void
+smtpd_process(struct smtpd_session *s)
+{
+    while (s->conn != NULL && !s->blocked && s->state != ST_QUIT
+           && s->state != ST_GREETING) {
+        struct buf *in = conn_input(s->conn);
+        if (s->state == ST_DATA) {
+            if (!smtpd_read_data(s))
+                break;
+            continue;
+        }
+        if (s->state == ST_BDAT) {
+            if (!smtpd_read_bdat(s))
+                break;
+            continue;
+        }
+        if (in->len == 0)
+            break;
+        struct span line;
+        size_t used;
+        enum buf_line st = buf_getline(in, s->lc->max_line_length, &line, &used);
+        if (st == BUF_LINE_PARTIAL)
+            break;
+        if (st == BUF_LINE_TOOLONG) {
+            /* drop what we have, keeping a trailing CR that may start the CRLF */
+            const char *p = buf_ptr(in);
+            size_t keep = p[in->len - 1] == '\r' ? 1 : 0;
+            buf_consume(in, in->len - keep);
+            s->skipping = true;
+            continue;
+        }
+        if (s->skipping) {
+            buf_consume(in, used);
+            s->skipping = false;
+            smtpd_reject(s, "CMD", &R_LINE_TOO_LONG, NULL);
+        } else {
+            /* the line points into the input buffer: copy before consuming */
+            char stack[2048];
+            char *copy = line.len <= sizeof(stack) ? stack : xmalloc(line.len);
+            memcpy(copy, line.p, line.len);
+            buf_consume(in, used);
+            smtpd_dispatch(s, (struct span){ copy, line.len });
+            if (copy != stack)
+                free(copy);
+        }
+        if (s->state != ST_QUIT && s->errors >= s->lc->max_errors) {
+            struct log_line ll;
+            smtpd_log_begin(s, &ll, LOG_INFO, "too many errors", true);
+            log_kv(&ll, "client", "%s", s->client);
+            log_end(&ll);
+            smtpd_reply(s, &R_TOO_MANY_ERRORS);
+            smtpd_close(s);
+        }
+    }
+    if (s->conn != NULL) {
+        conn_flush(s->conn);
+        if (s->state != ST_QUIT && !s->blocked)
+            conn_resume_read(s->conn);
+    }
+}
+
+/* ---- shutdown -------------------------------------------------------- */
+
+void
+smtpd_server_shutdown(struct smtpd_server *srv)
+{
+    srv->shutting_down = true;
+    struct smtpd_session *next;
+    for (struct smtpd_session *s = srv->sessions; s != NULL; s = next) {
+        next = s->next;
+        if (s->conn == NULL || s->state == ST_QUIT)
+            continue;
+        if (smtpd_in_txn(s) || s->blocked)
+            continue; /* let the transaction finish; smtpd_on_commit closes */
+        smtpd_reply(s, &R_SHUTDOWN);
+        smtpd_close(s);
+    }
+}
+
+void
+smtpd_server_abort_all(struct smtpd_server *srv)
+{
+    struct smtpd_session *next;
+    for (struct smtpd_session *s = srv->sessions; s != NULL; s = next) {
+        next = s->next;
+        if (s->conn == NULL || s->state == ST_QUIT)
+            continue;
+        smtpd_reply(s, &R_SHUTDOWN);
+        smtpd_close(s);
+    }
+}

@@ -1,0 +1,44 @@
+/*
+ * smtp_server — the SMTP server session state machine (RFC 5321 with
+ * PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING, DSN).
+ * An engine: it talks to the client through conn.h and persists through
+ * spool.h; it never touches libuv directly.
+ */
+#ifndef PETREL_SMTP_SERVER_H
+#define PETREL_SMTP_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "config.h"
+#include "reply.h"
+
+struct conn;
+struct spool;
+struct smtpd_server;
+
+/* Creates the server-wide state. Takes a reference on cfg; spool is
+ * borrowed and must outlive the server. */
+struct smtpd_server *smtpd_server_new(struct petrel_config *cfg, struct spool *spool);
+/* Frees the server; every session must have ended. NULL is a no-op. */
+void smtpd_server_free(struct smtpd_server *srv);
+
+/* Called once when a session has ended and its conn is closed. */
+typedef void smtpd_session_end_cb(void *arg);
+
+/* Starts a session on an accepted connection (the session owns conn from
+ * now on). lc is borrowed from the server's config. If refuse is non-NULL
+ * the client gets it as its banner and the connection is closed (limits).
+ * end_cb fires once, after the conn is closed. */
+void smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc,
+                         struct conn *c, const struct reply *refuse,
+                         smtpd_session_end_cb *end_cb, void *end_arg);
+
+/* Graceful stop: idle sessions get 421 4.3.2 and are closed now; a session
+ * inside a transaction may finish it, then gets 421. */
+void smtpd_server_shutdown(struct smtpd_server *srv);
+/* Closes every remaining session at once (shutdown timeout). */
+void smtpd_server_abort_all(struct smtpd_server *srv);
+size_t smtpd_server_sessions(const struct smtpd_server *srv);
+
+#endif
