@@ -533,7 +533,6 @@ smtpd_cmd_mail(struct smtpd_session *s, const struct smtp_cmd *cmd)
     t->sender = xstrdup(addr);
     t->params = p;
     t->at_bol = true;
-    spool_new_qid(s->srv->spool, t->qid);
     s->state = ST_MAIL;
     smtpd_reply(s, &R_SENDER_OK);
 }
@@ -605,6 +604,8 @@ smtpd_cmd_rcpt(struct smtpd_session *s, const struct smtp_cmd *cmd)
         t->rcpts_cap = t->rcpts_cap ? t->rcpts_cap * 2 : 4;
         t->rcpts = xreallocarray(t->rcpts, t->rcpts_cap, sizeof(*t->rcpts));
     }
+    if (t->qid[0] == '\0') /* as Postfix: rejects before this one log NOQUEUE */
+        spool_new_qid(s->srv->spool, t->qid);
     struct smtpd_rcpt *rc = &t->rcpts[t->nrcpts++];
     rc->addr = xstrdup(addr);
     rc->notify = p.notify;
@@ -1055,14 +1056,21 @@ smtpd_process(struct smtpd_session *s)
         if (st == BUF_LINE_PARTIAL)
             break;
         if (st == BUF_LINE_TOOLONG) {
-            /* drop what we have, keeping a trailing CR that may start the CRLF */
+            /* the line ends past the limit: drop it through its CRLF if that
+             * has arrived (commands after it stay), else drop what we have,
+             * keeping a trailing CR that may start the CRLF */
             const char *p = buf_ptr(in);
-            size_t keep = p[in->len - 1] == '\r' ? 1 : 0;
-            buf_consume(in, in->len - keep);
-            s->skipping = true;
-            continue;
-        }
-        if (s->skipping) {
+            const char *crlf = memmem(p, in->len, "\r\n", 2);
+            if (crlf == NULL) {
+                size_t keep = p[in->len - 1] == '\r' ? 1 : 0;
+                buf_consume(in, in->len - keep);
+                s->skipping = true;
+                continue;
+            }
+            buf_consume(in, (size_t)(crlf - p) + 2);
+            s->skipping = false;
+            smtpd_reject(s, "CMD", &R_LINE_TOO_LONG, NULL);
+        } else if (s->skipping) {
             buf_consume(in, used);
             s->skipping = false;
             smtpd_reject(s, "CMD", &R_LINE_TOO_LONG, NULL);

@@ -347,6 +347,23 @@ test_smtp_server_line_too_long_then_continues(void **state)
 }
 
 static void
+test_smtp_server_line_too_long_in_one_write_keeps_next_command(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start(&e, "192.0.2.7");
+    /* the CRLF of the long line lies past the limit, in the same read as
+     * the next command */
+    char big[800];
+    memset(big, 'A', sizeof(big));
+    memcpy(big, "NOOP ", 5);
+    memcpy(big + sizeof(big) - 8, "\r\nNOOP\r\n", 8);
+    fake_conn_push(e.c, big, sizeof(big));
+    t_expect(&e, "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n");
+    t_finish(&e);
+}
+
+static void
 test_smtp_server_too_many_errors_421(void **state)
 {
     (void)state;
@@ -491,6 +508,7 @@ main(void)
         cmocka_unit_test(test_smtp_server_size_limits),
         cmocka_unit_test(test_smtp_server_bdat_chunks),
         cmocka_unit_test(test_smtp_server_line_too_long_then_continues),
+        cmocka_unit_test(test_smtp_server_line_too_long_in_one_write_keeps_next_command),
         cmocka_unit_test(test_smtp_server_too_many_errors_421),
         cmocka_unit_test(test_smtp_server_hop_limit),
         cmocka_unit_test(test_smtp_server_early_talker_is_refused),
