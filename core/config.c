@@ -27,6 +27,7 @@
 
 #include "buf.h"
 #include "log.h"
+#include "route.h"
 #include "util.h"
 
 /* Generated from config/petrel.yaml at build time (cmake/embed.cmake). */
@@ -877,57 +878,13 @@ config_check_hostport(char **v, char *why, size_t size)
     return config_parse_hostport(*v, &ss, &len) ? NULL : "expected host:port";
 }
 
-/* "host:port" where host is a hostname or IPv4 literal; with brackets
- * ("[host]:port") also an IPv6 literal. */
-static bool
-config_valid_route_host(const char *s, bool brackets_only)
-{
-    char host[256];
-    const char *colon;
-    size_t hlen;
-    bool bracket = s[0] == '[';
-    if (bracket) {
-        const char *close = strchr(s, ']');
-        if (close == NULL || close[1] != ':')
-            return false;
-        hlen = (size_t)(close - s - 1);
-        s++;
-        colon = close + 1;
-    } else {
-        if (brackets_only)
-            return false;
-        colon = strrchr(s, ':');
-        if (colon == NULL)
-            return false;
-        hlen = (size_t)(colon - s);
-    }
-    if (hlen == 0 || hlen >= sizeof(host))
-        return false;
-    memcpy(host, s, hlen);
-    host[hlen] = '\0';
-    unsigned port;
-    if (!config_parse_port(colon + 1, &port))
-        return false;
-    struct sockaddr_storage ss;
-    socklen_t len;
-    if (config_parse_ip(host, 0, &ss, &len))
-        return bracket || ss.ss_family == AF_INET;
-    return config_valid_hostname(host);
-}
-
+/* A next hop: checked by route_parse(), the parser delivery uses, so that
+ * every via that loads also routes (the reasons are route.c's). */
 static const char *
 config_check_via(char **v, char *why, size_t size)
 {
-    const char *s = *v;
-    if (strcmp(s, "mx") == 0)
-        return NULL;
-    if (strncmp(s, "smtp:", 5) == 0 && config_valid_route_host(s + 5, false))
-        return NULL;
-    if (strncmp(s, "lmtp:unix:/", 11) == 0 && s[11] != '\0')
-        return NULL;
-    if (strncmp(s, "lmtp:", 5) == 0 && config_valid_route_host(s + 5, true))
-        return NULL;
-    return "expected mx, smtp:[host]:port, smtp:host:port, lmtp:[host]:port or lmtp:unix:/path";
+    struct route r;
+    return route_parse(*v, &r);
 }
 
 /* Sendmail milter socket spec: unix:/path, inet:port@host, inet6:port@host. */
@@ -967,6 +924,7 @@ enum config_sect {
     S_AUTH,
     S_DNS,
     S_DELIVERY,
+    S_DELIVERY_TIMEOUTS,
     S_SOURCE,
     S_ROUTE,
     S_RETRY,
@@ -988,6 +946,7 @@ static const char *const config_sect_prefix[S_COUNT] = {
     [S_AUTH] = "auth",
     [S_DNS] = "dns",
     [S_DELIVERY] = "delivery",
+    [S_DELIVERY_TIMEOUTS] = "delivery.timeouts",
     [S_SOURCE] = "delivery.sources[]",
     [S_ROUTE] = "routes[]",
     [S_RETRY] = "retry",
@@ -1139,6 +1098,25 @@ static const struct config_option config_options[] = {
       .names = config_delivery_tls },
     { OPT(S_DELIVERY, "port", T_UINT, TOP(delivery.port)), .def = "25", .min = 1,
       .max = 65535 },
+    { OPT(S_DELIVERY, "max_connections", T_UINT, TOP(delivery.max_connections)),
+      .def = "500", .min = 1, .max = 100000 },
+    { OPT(S_DELIVERY, "connection_cache_time", T_DURATION,
+          TOP(delivery.connection_cache_time_ms)),
+      .def = "2s", .max = MINUTES(5) },
+    { OPT(S_DELIVERY, "timeouts", T_SECTION, 0), .sub = S_DELIVERY_TIMEOUTS },
+    { OPT(S_DELIVERY_TIMEOUTS, "connect", T_DURATION, TOP(delivery.timeouts.connect_ms)),
+      .def = "30s", .min = 100, .max = MINUTES(10) },
+    { OPT(S_DELIVERY_TIMEOUTS, "greeting", T_DURATION, TOP(delivery.timeouts.greeting_ms)),
+      .def = "5m", .min = 100, .max = MINUTES(60) },
+    { OPT(S_DELIVERY_TIMEOUTS, "command", T_DURATION, TOP(delivery.timeouts.command_ms)),
+      .def = "5m", .min = 100, .max = MINUTES(60) },
+    { OPT(S_DELIVERY_TIMEOUTS, "data_init", T_DURATION, TOP(delivery.timeouts.data_init_ms)),
+      .def = "2m", .min = 100, .max = MINUTES(60) },
+    { OPT(S_DELIVERY_TIMEOUTS, "data_block", T_DURATION,
+          TOP(delivery.timeouts.data_block_ms)),
+      .def = "3m", .min = 100, .max = MINUTES(60) },
+    { OPT(S_DELIVERY_TIMEOUTS, "data_end", T_DURATION, TOP(delivery.timeouts.data_end_ms)),
+      .def = "10m", .min = 100, .max = MINUTES(60) },
 
     { OPT(S_TOP, "routes", T_CUSTOM, 0), .custom = config_parse_routes },
     { OPT(S_ROUTE, "domain", T_STR, RTE(domain)), .required = true,

@@ -151,6 +151,16 @@ struct petrel_config {
         unsigned max_messages_per_connection;     /* default 100 */
         enum delivery_tls tls;       /* default opportunistic */
         unsigned port;               /* default 25 */
+        unsigned max_connections;    /* all destinations together; default 500 */
+        uint64_t connection_cache_time_ms; /* idle connection kept for reuse; default 2s */
+        struct {                     /* RFC 5321 4.5.3.2 client timeouts */
+            uint64_t connect_ms;     /* default 30s */
+            uint64_t greeting_ms;    /* default 5m */
+            uint64_t command_ms;     /* default 5m */
+            uint64_t data_init_ms;   /* default 2m */
+            uint64_t data_block_ms;  /* default 3m */
+            uint64_t data_end_ms;    /* default 10m */
+        } timeouts;
     } delivery;
 
     struct route_config *routes;     /* owned */

@@ -459,6 +459,8 @@ yaml_setting(const char *path, const char *value, bool list)
         buf_printf(&mlt, ", timeouts: {%s: %s}", path + 19, vs);
     } else if (strncmp(path, "milters[].", 10) == 0) {
         buf_printf(&mlt, ", %s: %s", path + 10, vs);
+    } else if (strncmp(path, "delivery.timeouts.", 18) == 0) {
+        buf_printf(&top, "delivery: {timeouts: {%s: %s}}\n", path + 18, vs);
     } else if (dot != NULL) {
         buf_printf(&top, "%.*s: {%s: %s}\n", (int)(dot - path), path, dot + 1, vs);
     } else {
@@ -678,9 +680,8 @@ static const struct error_case error_cases[] = {
       L1 "delivery:\n  hostnames: {127.0.0.1: bad..name}\n",
       "t.yaml:3:26: delivery.hostnames.127.0.0.1: \"bad..name\" is not a valid hostname\n" },
     { "bad route via",
-      L1 "routes:\n  - domain: example.com\n    via: smtp:[10.1.1.1]\n",
-      "t.yaml:4:10: routes[0].via: expected mx, smtp:[host]:port, smtp:host:port,"
-      " lmtp:[host]:port or lmtp:unix:/path\n" },
+      L1 "routes:\n  - domain: example.com\n    via: smtp:[10.1.1.1]:0\n",
+      "t.yaml:4:10: routes[0].via: the port must be a number from 1 to 65535\n" },
     { "unknown route transport",
       L1 "routes:\n  - domain: example.com\n    via: http://x\n",
       "t.yaml:4:10: routes[0].via: expected mx, smtp:[host]:port, smtp:host:port,"
