@@ -22,6 +22,7 @@ enum conn_event {
     CONN_EV_TIMEOUT, /* the deadline set with conn_set_timeout passed */
     CONN_EV_DRAINED, /* everything queued with conn_write was handed to the kernel */
     CONN_EV_CLOSED,  /* handles are closed: last event, the owner may free */
+    CONN_EV_CONNECTED, /* outbound connect finished (status 0, or <0: connect failed) */
 };
 
 /* Fires on the loop thread. After CONN_EV_CLOSED the conn is freed when the
@@ -71,6 +72,39 @@ bool conn_peer_sent_data(const struct conn *c);
  * Returns 0 and *out, or a negative UV error. */
 struct uv_stream_s;
 int conn_accept(struct uv_stream_s *server, struct conn **out);
+/* Outbound TCP: binds to src when non-NULL (source IP, port 0), then
+ * connects to dst. CONN_EV_CONNECTED follows from the loop (status 0 or a
+ * negative UV error: a bind failure such as UV_EADDRNOTAVAIL is reported
+ * there too, never from this call); arm conn_set_timeout() for a connect
+ * deadline (CONN_EV_TIMEOUT). The callback is set before any event.
+ * Returns 0 and *out every time today (every failure, a dst that is not
+ * AF_INET/AF_INET6 included, comes as CONN_EV_CONNECTED with status < 0);
+ * a negative return would mean no conn was made and no event follows.
+ * Output queued before CONNECTED is sent once connected; reading starts
+ * then. conn_close() before CONNECTED cancels the connect (no CONNECTED,
+ * CONN_EV_CLOSED follows). After a successful connect conn_peer_ip/port
+ * and conn_local_ip/port hold the addresses; for a unix-domain conn they
+ * are "" and 0 and conn_peer_addr() is the sockaddr_un. */
+struct uv_loop_s;
+struct sockaddr;
+int conn_connect_tcp(struct uv_loop_s *loop, const struct sockaddr *dst,
+                     const struct sockaddr *src, conn_event_cb *cb, void *arg,
+                     struct conn **out) __attribute__((warn_unused_result));
+/* Outbound unix-domain stream (LMTP to a local socket); as above. A path
+ * that does not fit sun_path fails with UV_ENAMETOOLONG (from the loop). */
+int conn_connect_unix(struct uv_loop_s *loop, const char *path, conn_event_cb *cb, void *arg,
+                      struct conn **out) __attribute__((warn_unused_result));
+
+/* Replaces the deadline by an immediate one: CONN_EV_TIMEOUT fires from
+ * the next loop iteration, never from this call. Lets an engine report a
+ * result it decided synchronously without re-entering its caller (STYLE.md
+ * §8); a later conn_set_timeout() cancels it. No-op once closing. */
+void conn_defer(struct conn *c);
+
+/* Text for a negative status from CONN_EV_CONNECTED/CONN_EV_ERROR
+ * ("connection refused"); static, never NULL. */
+const char *conn_strerror(int status);
+
 /* Number of live conns (for shutdown). */
 size_t conn_count(void);
 #endif

@@ -3,6 +3,7 @@
  *   petrel serve [-c FILE]          run the daemon in the foreground
  *   petrel check-config [-c FILE]   validate the configuration
  *   petrel queue list|show ID|cat ID|retry ID|delete ID|flush [-c FILE]
+ *   petrel dns-lookup [--host] DOMAIN [-c FILE]
  *   petrel version
  * Without -c the embedded default configuration (config/petrel.yaml) is used.
  * Wires config, spool, smtp_server and listeners onto one libuv loop and
@@ -17,9 +18,12 @@
 #include <uv.h>
 
 #include "config.h"
+#include "dns.h"
+#include "dns_cli.h"
 #include "listener.h"
 #include "log.h"
 #include "queue_cli.h"
+#include "scheduler.h"
 #include "smtp_server.h"
 #include "spool.h"
 #include "util.h"
@@ -30,6 +34,10 @@ struct main_daemon {
     struct spool *spool;           /* owned */
     struct smtpd_server *srv;      /* owned */
     struct listeners *listeners;   /* owned */
+    struct dns *dns;               /* owned */
+    struct sched *sched;           /* owned */
+    bool smtpd_idle;
+    bool sched_idle;
     uv_signal_t sigterm;
     uv_signal_t sigint;
     uv_signal_t sighup;
@@ -48,6 +56,7 @@ main_usage(FILE *out)
             "       petrel queue show|cat ID [-c FILE]\n"
             "       petrel queue retry|delete ID [-c FILE]\n"
             "       petrel queue flush [-c FILE]\n"
+            "       petrel dns-lookup [--host] DOMAIN [-c FILE]\n"
             "       petrel version\n"
             "Without -c, the embedded default configuration is used.\n");
 }
@@ -83,27 +92,55 @@ main_close_handles(struct main_daemon *d)
     if (d->handles_closed)
         return;
     d->handles_closed = true;
+    dns_close(d->dns);
+    d->dns = NULL;
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
     uv_close((uv_handle_t *)&d->sighup, NULL);
     uv_close((uv_handle_t *)&d->shutdown_timer, NULL);
 }
 
+/* Exits the loop once both the SMTP sessions and the deliveries are done. */
+static void
+main_maybe_done(struct main_daemon *d)
+{
+    if (d->smtpd_idle && d->sched_idle) {
+        log_msg(LOG_INFO, NULL, "all sessions ended");
+        main_close_handles(d);
+    }
+}
+
 static void
 main_on_idle(void *arg)
 {
     struct main_daemon *d = arg;
-    log_msg(LOG_INFO, NULL, "all sessions ended");
-    main_close_handles(d);
+    d->smtpd_idle = true;
+    main_maybe_done(d);
+}
+
+static void
+main_on_sched_idle(void *arg)
+{
+    struct main_daemon *d = arg;
+    d->sched_idle = true;
+    main_maybe_done(d);
+}
+
+static void
+main_on_queued(const char *qid, void *arg)
+{
+    struct main_daemon *d = arg;
+    sched_enqueue(d->sched, qid);
 }
 
 static void
 main_on_shutdown_timeout(uv_timer_t *t)
 {
     struct main_daemon *d = t->data;
-    log_msg(LOG_WARNING, NULL, "shutdown timeout: closing %zu remaining sessions",
-            smtpd_server_sessions(d->srv));
+    log_msg(LOG_WARNING, NULL, "shutdown timeout: closing %zu remaining sessions and %zu "
+                               "deliveries", smtpd_server_sessions(d->srv), sched_sessions(d->sched));
     smtpd_server_abort_all(d->srv);
+    sched_abort(d->sched);
 }
 
 static void
@@ -112,6 +149,7 @@ main_stop(struct main_daemon *d, const char *why)
     if (d->stopping) {
         log_msg(LOG_WARNING, NULL, "%s again: closing every session now", why);
         smtpd_server_abort_all(d->srv);
+        sched_abort(d->sched);
         return;
     }
     d->stopping = true;
@@ -119,10 +157,10 @@ main_stop(struct main_daemon *d, const char *why)
             smtpd_server_sessions(d->srv));
     listeners_stop(d->listeners);
     smtpd_server_shutdown(d->srv);
-    if (listeners_sessions(d->listeners) == 0) {
-        main_close_handles(d);
+    d->smtpd_idle = listeners_sessions(d->listeners) == 0;
+    sched_stop(d->sched, main_on_sched_idle, d); /* may report idle at once */
+    if (d->smtpd_idle && d->sched_idle)
         return;
-    }
     uv_timer_start(&d->shutdown_timer, main_on_shutdown_timeout, d->cfg->shutdown_timeout_ms, 0);
 }
 
@@ -157,7 +195,13 @@ main_serve(const char *path)
         log_msg(LOG_ERR, NULL, "cannot open spool %s: %s", d.cfg->spool, err ? err : "?");
         goto out;
     }
+    if (dns_open(&d.loop, d.cfg, &d.dns, &err) != 0) {
+        log_msg(LOG_ERR, NULL, "cannot start the resolver: %s", err ? err : "?");
+        goto out;
+    }
+    d.sched = sched_new(&d.loop, d.cfg, d.spool, d.dns);
     d.srv = smtpd_server_new(d.cfg, d.spool);
+    smtpd_server_on_queued(d.srv, main_on_queued, &d);
     if (listeners_start(&d.loop, d.cfg, d.srv, &d.listeners, &err) != 0) {
         log_msg(LOG_ERR, NULL, "%s", err);
         uv_run(&d.loop, UV_RUN_DEFAULT); /* let the listener handles close */
@@ -174,6 +218,7 @@ main_serve(const char *path)
     uv_signal_start(&d.sigint, main_on_signal, SIGINT);
     uv_signal_start(&d.sighup, main_on_signal, SIGHUP);
 
+    sched_start(d.sched);
     log_msg(LOG_INFO, NULL, "petrel %s started (hostname %s, spool %s, %s)", PETREL_VERSION,
             d.cfg->hostname, d.cfg->spool, d.cfg->file);
     uv_run(&d.loop, UV_RUN_DEFAULT);
@@ -194,8 +239,12 @@ out:
                                 "%" PRIu64 " syncs since start",
                 st.records, st.commits, st.syncs);
     }
-    spool_close(d.spool);
+    spool_close(d.spool); /* may still run scheduler callbacks */
     d.spool = NULL;
+    sched_free(d.sched);
+    d.sched = NULL;
+    dns_close(d.dns);
+    d.dns = NULL;
     uv_walk(&d.loop, main_close_walk, NULL);
     uv_run(&d.loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&d.loop) != 0)
@@ -256,6 +305,23 @@ main_queue(int argc, char **argv, const char *path)
     return rc;
 }
 
+/* petrel dns-lookup [--host] DOMAIN: where delivery would connect. */
+static int
+main_dns_lookup(int argc, char **argv, const char *path)
+{
+    bool host_only = argc == 2 && strcmp(argv[0], "--host") == 0;
+    if (argc != (host_only ? 2 : 1)) {
+        main_usage(stderr);
+        return 2;
+    }
+    struct petrel_config *cfg = main_load_config(path);
+    if (cfg == NULL)
+        return 1;
+    int rc = dns_cli_lookup(cfg, argv[host_only ? 1 : 0], host_only, stdout, stderr);
+    config_unref(cfg);
+    return rc;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -287,6 +353,8 @@ main(int argc, char **argv)
         rc = main_check_config(path);
     else if (strcmp(cmd, "queue") == 0)
         rc = main_queue(nrest, rest, path);
+    else if (strcmp(cmd, "dns-lookup") == 0)
+        rc = main_dns_lookup(nrest, rest, path);
     else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("petrel %s\n", PETREL_VERSION);
         rc = 0;

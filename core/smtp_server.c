@@ -101,6 +101,8 @@ struct smtpd_server {
     size_t nsessions;
     uint64_t next_id;
     bool shutting_down;
+    smtpd_queued_cb *queued_cb;  /* may be NULL */
+    void *queued_arg;
 };
 
 static void smtpd_process(struct smtpd_session *s);
@@ -128,6 +130,13 @@ smtpd_server_free(struct smtpd_server *srv)
         PANIC("smtpd_server_free with %zu live sessions", srv->nsessions);
     config_unref(srv->cfg);
     free(srv);
+}
+
+void
+smtpd_server_on_queued(struct smtpd_server *srv, smtpd_queued_cb *cb, void *arg)
+{
+    srv->queued_cb = cb;
+    srv->queued_arg = arg;
 }
 
 size_t
@@ -387,6 +396,7 @@ smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg)
         smtpd_close(s);
         return;
     case CONN_EV_DRAINED:
+    case CONN_EV_CONNECTED: /* inbound conns never connect */
         return;
     case CONN_EV_CLOSED:
         s->conn = NULL;
@@ -789,6 +799,8 @@ smtpd_on_commit(int status, void *arg)
 {
     struct smtpd_session *s = arg;
     s->blocked = false;
+    if (status == 0 && s->srv->queued_cb)
+        s->srv->queued_cb(s->txn.qid, s->srv->queued_arg);
     if (s->conn != NULL && s->state != ST_QUIT) {
         if (status == 0) {
             char text[128];

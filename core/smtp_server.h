@@ -23,6 +23,10 @@ struct smtpd_server *smtpd_server_new(struct petrel_config *cfg, struct spool *s
 /* Frees the server; every session must have ended. NULL is a no-op. */
 void smtpd_server_free(struct smtpd_server *srv);
 
+/* Called after a message is durably queued (before its 250 is sent). */
+typedef void smtpd_queued_cb(const char *qid, void *arg);
+void smtpd_server_on_queued(struct smtpd_server *srv, smtpd_queued_cb *cb, void *arg);
+
 /* Called once when a session has ended and its conn is closed. */
 typedef void smtpd_session_end_cb(void *arg);
 

@@ -5,6 +5,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include "buf.h"
 #include "conn.h"
@@ -24,7 +26,16 @@ struct conn {
     char local_ip[64];
     int peer_port;
     struct sockaddr_storage peer;
+    bool outbound;        /* made by conn_connect_* */
+    bool has_src;
+    bool deferred;        /* conn_defer() called */
+    bool hold;            /* conn_flush() keeps output pending */
+    struct sockaddr_storage src;
+    char path[108];
 };
+
+static struct conn *fake_last;
+static unsigned fake_connects;
 
 struct conn *
 fake_conn_new(const char *peer_ip, int peer_port, const char *local_ip)
@@ -77,6 +88,8 @@ conn_write(struct conn *c, const void *p, size_t n)
 void
 conn_flush(struct conn *c)
 {
+    if (c->hold || c->out.len == 0)
+        return;
     buf_append(&c->flushed, buf_ptr(&c->out), c->out.len);
     buf_clear(&c->out);
 }
@@ -103,11 +116,13 @@ void
 conn_set_timeout(struct conn *c, uint64_t ms)
 {
     c->timeout_ms = ms;
+    c->deferred = false; /* as in conn.c: a new deadline replaces the deferral */
 }
 
 void
 conn_close(struct conn *c)
 {
+    c->hold = false;
     conn_flush(c); /* a graceful close sends what was queued */
     c->closing = true;
 }
@@ -167,6 +182,7 @@ fake_conn_push_str(struct conn *c, const char *s)
 void
 fake_conn_fire_timeout(struct conn *c)
 {
+    c->deferred = false;
     c->cb(c, CONN_EV_TIMEOUT, 0, c->arg);
 }
 
@@ -211,9 +227,157 @@ fake_conn_finish_close(struct conn *c)
 {
     if (!c->closing)
         return;
+    if (fake_last == c)
+        fake_last = NULL;
     c->cb(c, CONN_EV_CLOSED, 0, c->arg);
     buf_reset(&c->in);
     buf_reset(&c->out);
     buf_reset(&c->flushed);
     free(c);
+}
+
+void
+fake_conn_error(struct conn *c, int status)
+{
+    c->cb(c, CONN_EV_ERROR, status, c->arg);
+}
+
+/* ---- outbound ---------------------------------------------------------- */
+
+static struct conn *
+fake_conn_new_outbound(conn_event_cb *cb, void *arg)
+{
+    struct conn *c = xcalloc(1, sizeof(*c));
+    c->cb = cb;
+    c->arg = arg;
+    c->outbound = true;
+    fake_last = c;
+    fake_connects++;
+    return c;
+}
+
+int
+conn_connect_tcp(struct uv_loop_s *loop, const struct sockaddr *dst, const struct sockaddr *src,
+                 conn_event_cb *cb, void *arg, struct conn **out)
+{
+    (void)loop;
+    struct conn *c = fake_conn_new_outbound(cb, arg);
+    size_t dlen = dst->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                             : sizeof(struct sockaddr_in);
+    memcpy(&c->peer, dst, dlen);
+    if (dst->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)dst;
+        inet_ntop(AF_INET6, &s6->sin6_addr, c->peer_ip, sizeof(c->peer_ip));
+        c->peer_port = ntohs(s6->sin6_port);
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)dst;
+        inet_ntop(AF_INET, &s4->sin_addr, c->peer_ip, sizeof(c->peer_ip));
+        c->peer_port = ntohs(s4->sin_port);
+    }
+    if (src != NULL) {
+        c->has_src = true;
+        memcpy(&c->src, src, src->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                         : sizeof(struct sockaddr_in));
+        if (src->sa_family == AF_INET6)
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)src)->sin6_addr, c->local_ip,
+                      sizeof(c->local_ip));
+        else
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)src)->sin_addr, c->local_ip,
+                      sizeof(c->local_ip));
+    } else if (!str_copy(c->local_ip, sizeof(c->local_ip), "127.0.0.1")) {
+        PANIC("fake conn_connect_tcp: local ip");
+    }
+    *out = c;
+    return 0;
+}
+
+int
+conn_connect_unix(struct uv_loop_s *loop, const char *path, conn_event_cb *cb, void *arg,
+                  struct conn **out)
+{
+    (void)loop;
+    struct conn *c = fake_conn_new_outbound(cb, arg);
+    if (!str_copy(c->path, sizeof(c->path), path))
+        PANIC("fake conn_connect_unix: path too long");
+    struct sockaddr_un *sun = (struct sockaddr_un *)&c->peer;
+    sun->sun_family = AF_UNIX;
+    memcpy(sun->sun_path, c->path, sizeof(c->path));
+    *out = c;
+    return 0;
+}
+
+void
+conn_defer(struct conn *c)
+{
+    if (c->closing)
+        return;
+    c->timeout_ms = 0;
+    c->deferred = true;
+}
+
+const char *
+conn_strerror(int status)
+{
+    return strerror(-status);
+}
+
+struct conn *
+fake_conn_last(void)
+{
+    return fake_last;
+}
+
+unsigned
+fake_conn_connects(void)
+{
+    return fake_connects;
+}
+
+void
+fake_conn_complete_connect(struct conn *c, int status)
+{
+    if (!c->outbound || c->closing)
+        PANIC("fake_conn_complete_connect: not a pending outbound conn");
+    c->cb(c, CONN_EV_CONNECTED, status, c->arg);
+}
+
+const struct sockaddr *
+fake_conn_connect_dst(const struct conn *c)
+{
+    if (!c->outbound || c->path[0] != '\0')
+        return NULL;
+    return (const struct sockaddr *)&c->peer;
+}
+
+const struct sockaddr *
+fake_conn_connect_src(const struct conn *c)
+{
+    return c->has_src ? (const struct sockaddr *)&c->src : NULL;
+}
+
+const char *
+fake_conn_connect_path(const struct conn *c)
+{
+    return c->path;
+}
+
+bool
+fake_conn_deferred(const struct conn *c)
+{
+    return c->deferred;
+}
+
+void
+fake_conn_set_hold(struct conn *c, bool hold)
+{
+    c->hold = hold;
+}
+
+void
+fake_conn_drain(struct conn *c)
+{
+    if (c->out.len > 0)
+        buf_append(&c->flushed, buf_ptr(&c->out), c->out.len);
+    buf_clear(&c->out);
+    c->cb(c, CONN_EV_DRAINED, 0, c->arg);
 }

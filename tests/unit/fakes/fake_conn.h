@@ -26,5 +26,28 @@ bool fake_conn_reading(const struct conn *c);
 void fake_conn_finish_close(struct conn *c);
 /* Makes conn_peer_sent_data() report pending data. */
 void fake_conn_set_peer_sent(struct conn *c, bool v);
+/* Delivers CONN_EV_ERROR with status (a negative UV-style code). */
+void fake_conn_error(struct conn *c, int status);
+
+/* Outbound conns made by the fake conn_connect_tcp/conn_connect_unix: they
+ * record the target and wait for the test to finish the connect. */
+struct sockaddr;
+/* The conn made by the latest connect call (NULL once it was freed). */
+struct conn *fake_conn_last(void);
+/* Number of connect calls so far (both kinds). */
+unsigned fake_conn_connects(void);
+/* Delivers CONN_EV_CONNECTED with status (0, or e.g. -ECONNREFUSED). */
+void fake_conn_complete_connect(struct conn *c, int status);
+/* The connect's destination and bind address (NULL: none / unix). */
+const struct sockaddr *fake_conn_connect_dst(const struct conn *c);
+const struct sockaddr *fake_conn_connect_src(const struct conn *c);
+/* The unix socket path ("" for TCP). */
+const char *fake_conn_connect_path(const struct conn *c);
+/* True if conn_defer() was called and fake_conn_fire_timeout() not yet. */
+bool fake_conn_deferred(const struct conn *c);
+/* hold: conn_flush() keeps the bytes pending (conn_pending_output() > 0)
+ * until fake_conn_drain() moves them out and delivers CONN_EV_DRAINED. */
+void fake_conn_set_hold(struct conn *c, bool hold);
+void fake_conn_drain(struct conn *c);
 
 #endif

@@ -1,0 +1,1224 @@
+/*
+ * scheduler — delivery scheduling (see scheduler.h for the model).
+ *
+ * Owns: destinations (hash by route key) with their ready-job FIFOs and
+ * sessions, the per-message in-flight bookkeeping (which recipients are in
+ * a transaction or waiting for a spool commit), and the wake-up heap.
+ * Borrows: the spool (source of truth for every recipient's state), dns,
+ * the config. Talks to the network only through smtp_client and dns.
+ *
+ * Persist, then act: a transaction's outcome becomes spool records (the
+ * bounce message first, then each recipient's new state, then the removal
+ * of a finished message), queued in one loop turn so they share a group
+ * commit; the in-memory follow-up (timers, removal, enqueueing the bounce)
+ * happens in the commit callbacks. A crash between the two can only repeat
+ * a bounce, never lose one or re-deliver a recipient whose state was
+ * committed.
+ *
+ * Message content is read with spool_read_content (a pread from the page
+ * cache, synchronous on the loop).
+ */
+#include "scheduler.h"
+
+#include <arpa/inet.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/un.h>
+
+#include "bounce.h"
+#include "buf.h"
+#include "config.h"
+#include "dns.h"
+#include "log.h"
+#include "route.h"
+#include "smtp_client.h"
+#include "smtp_parse.h"
+#include "spool.h"
+#include "timer.h"
+#include "util.h"
+
+#define SCHED_RCPTS_PER_TXN 100
+#define SCHED_BUCKETS 4096
+
+struct sched_job {
+    struct sched_job *next;
+    char qid[SPOOL_QID_SIZE];
+    size_t n;
+    size_t idx[SCHED_RCPTS_PER_TXN];  /* recipient indexes in the envelope */
+};
+
+struct sched_sess;
+
+struct sched_dest {
+    struct sched_dest *hnext;         /* hash chain */
+    char key[ROUTE_KEY_MAX];
+    struct route route;
+    struct sched_job *head, *tail;    /* ready jobs, owned */
+    size_t nready;
+    unsigned sessions;                /* resolving, connecting or connected */
+    unsigned starting;                /* not yet READY */
+    struct sched_sess *idle;          /* idle sessions (via idle_next) */
+};
+
+struct sched_sess {
+    struct sched *s;                  /* borrowed */
+    struct sched_dest *dest;          /* borrowed: destinations live as long as s */
+    struct sched_sess *prev, *next;   /* s->sessions */
+    struct sched_sess *idle_next;
+    struct dns_query *q;              /* while resolving */
+    struct smtpc *c;                  /* once started; freed by smtp_client after CLOSED */
+    struct timer *idle_timer;         /* owned */
+    struct sched_job *job;            /* owned: the transaction in flight */
+    bool ready_seen;
+    bool idle;
+    /* copies handed to smtpc for the transaction in flight */
+    struct buf content;
+    char *sender;
+    char *envid;
+    const char **rcpts;
+    const char **orcpt;
+    unsigned *notify;
+    char **owned;                     /* strings behind rcpts/orcpt */
+    size_t nowned;
+};
+
+struct sched_msg {
+    struct sched_msg *hnext;
+    char qid[SPOOL_QID_SIZE];
+    size_t nrcpts;
+    uint8_t *busy;                    /* owned: per recipient, in a job or a commit */
+    unsigned commits;                 /* spool records in flight for this message */
+    bool removing;
+};
+
+struct sched_wake {
+    int64_t at_ms;
+    char qid[SPOOL_QID_SIZE];
+};
+
+struct sched {
+    struct uv_loop_s *loop;
+    struct petrel_config *cfg;        /* owned reference */
+    struct spool *spool;              /* borrowed */
+    struct dns *dns;                  /* borrowed */
+    struct sched_dest *dests[SCHED_BUCKETS];
+    struct sched_msg *msgs[SCHED_BUCKETS];
+    struct sched_sess *sessions;
+    size_t nsessions;
+    struct sched_wake *heap;          /* owned, min-heap on at_ms */
+    size_t nheap, heapcap;
+    struct timer *wake_timer;         /* owned */
+    int64_t wake_armed_at;
+    bool stopping;
+    void (*idle_cb)(void *arg);
+    void *idle_arg;
+};
+
+static void sched_pump(struct sched *s, struct sched_dest *d);
+static void sched_consider(struct sched *s, const char *qid);
+static void sched_sess_next(struct sched_sess *ss);
+static void sched_settle(struct sched *s, struct sched_msg *m);
+
+/* ---- small tables ------------------------------------------------------ */
+
+static unsigned
+sched_hash(const char *k)
+{
+    unsigned h = 2166136261u;
+    for (; *k; k++)
+        h = (h ^ (unsigned char)ascii_tolower((unsigned char)*k)) * 16777619u;
+    return h % SCHED_BUCKETS;
+}
+
+static struct sched_dest *
+sched_dest_get(struct sched *s, const struct route *r)
+{
+    char key[ROUTE_KEY_MAX];
+    unsigned port = r->lmtp ? ROUTE_LMTP_PORT : s->cfg->delivery.port;
+    route_key(r, port, key, sizeof(key));
+    unsigned h = sched_hash(key);
+    for (struct sched_dest *d = s->dests[h]; d; d = d->hnext)
+        if (ascii_casecmp(d->key, key) == 0)
+            return d;
+    struct sched_dest *d = xcalloc(1, sizeof(*d));
+    if (!str_copy(d->key, sizeof(d->key), key))
+        PANIC("route key too long: %s", key);
+    d->route = *r;
+    d->hnext = s->dests[h];
+    s->dests[h] = d;
+    return d;
+}
+
+static struct sched_msg *
+sched_msg_find(struct sched *s, const char *qid)
+{
+    for (struct sched_msg *m = s->msgs[sched_hash(qid)]; m; m = m->hnext)
+        if (strcmp(m->qid, qid) == 0)
+            return m;
+    return NULL;
+}
+
+static struct sched_msg *
+sched_msg_get(struct sched *s, const char *qid, size_t nrcpts)
+{
+    struct sched_msg *m = sched_msg_find(s, qid);
+    if (m)
+        return m;
+    m = xcalloc(1, sizeof(*m));
+    memcpy(m->qid, qid, sizeof(m->qid));
+    m->nrcpts = nrcpts;
+    m->busy = xcalloc(nrcpts ? nrcpts : 1, 1);
+    unsigned h = sched_hash(qid);
+    m->hnext = s->msgs[h];
+    s->msgs[h] = m;
+    return m;
+}
+
+/* Drops the bookkeeping of a message with nothing in flight. */
+static void
+sched_msg_release(struct sched *s, struct sched_msg *m)
+{
+    if (m->commits > 0 || m->removing)
+        return;
+    for (size_t i = 0; i < m->nrcpts; i++)
+        if (m->busy[i])
+            return;
+    struct sched_msg **pp = &s->msgs[sched_hash(m->qid)];
+    while (*pp != m)
+        pp = &(*pp)->hnext;
+    *pp = m->hnext;
+    free(m->busy);
+    free(m);
+}
+
+/* ---- wake-up heap ------------------------------------------------------ */
+
+static void
+sched_heap_swap(struct sched_wake *a, struct sched_wake *b)
+{
+    struct sched_wake t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void
+sched_wake_arm(struct sched *s)
+{
+    if (s->stopping || s->nheap == 0) {
+        timer_stop(s->wake_timer);
+        s->wake_armed_at = 0;
+        return;
+    }
+    int64_t at = s->heap[0].at_ms;
+    if (s->wake_armed_at == at)
+        return;
+    int64_t now = now_ms();
+    s->wake_armed_at = at;
+    timer_arm(s->wake_timer, at > now ? (uint64_t)(at - now) : 0);
+}
+
+static void
+sched_heap_push(struct sched *s, int64_t at, const char *qid)
+{
+    if (s->nheap == s->heapcap) {
+        s->heapcap = s->heapcap ? s->heapcap * 2 : 64;
+        s->heap = xreallocarray(s->heap, s->heapcap, sizeof(*s->heap));
+    }
+    size_t i = s->nheap++;
+    s->heap[i].at_ms = at;
+    memcpy(s->heap[i].qid, qid, SPOOL_QID_SIZE);
+    while (i > 0 && s->heap[(i - 1) / 2].at_ms > s->heap[i].at_ms) {
+        sched_heap_swap(&s->heap[(i - 1) / 2], &s->heap[i]);
+        i = (i - 1) / 2;
+    }
+    sched_wake_arm(s);
+}
+
+static void
+sched_heap_pop(struct sched *s)
+{
+    s->heap[0] = s->heap[--s->nheap];
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < s->nheap && s->heap[l].at_ms < s->heap[m].at_ms)
+            m = l;
+        if (r < s->nheap && s->heap[r].at_ms < s->heap[m].at_ms)
+            m = r;
+        if (m == i)
+            break;
+        sched_heap_swap(&s->heap[i], &s->heap[m]);
+        i = m;
+    }
+}
+
+static void
+sched_on_wake(struct timer *t, void *arg)
+{
+    struct sched *s = arg;
+    (void)t;
+    s->wake_armed_at = 0;
+    int64_t now = now_ms();
+    while (s->nheap > 0 && s->heap[0].at_ms <= now && !s->stopping) {
+        char qid[SPOOL_QID_SIZE];
+        memcpy(qid, s->heap[0].qid, sizeof(qid));
+        sched_heap_pop(s);
+        sched_consider(s, qid);
+    }
+    sched_wake_arm(s);
+}
+
+/* ---- pure decisions ---------------------------------------------------- */
+
+void
+sched_retry_decide(const struct petrel_config *cfg, uint32_t attempts, int64_t arrival_ms,
+                   int64_t now_ms_, struct sched_retry *out)
+{
+    out->give_up = false;
+    out->next_ms = now_ms_;
+    if (attempts >= cfg->retry.max_attempts
+        || (uint64_t)(now_ms_ - arrival_ms) >= cfg->retry.max_age_ms) {
+        out->give_up = true;
+        return;
+    }
+    size_t n = cfg->retry.nschedule;
+    uint64_t wait = n == 0 ? 60000 : cfg->retry.schedule_ms[attempts - 1 < n ? attempts - 1 : n - 1];
+    out->next_ms = now_ms_ + (int64_t)wait;
+}
+
+/* ---- consider: turn due recipients into jobs --------------------------- */
+
+static void
+sched_route_for_rcpt(struct sched *s, const char *rcpt, struct route *r)
+{
+    struct span dom = smtp_addr_domain(rcpt);
+    char domain[SMTP_DOMAIN_MAX + 1];
+    size_t n = dom.len < sizeof(domain) - 1 ? dom.len : sizeof(domain) - 1;
+    for (size_t i = 0; i < n; i++)
+        domain[i] = (char)ascii_tolower((unsigned char)dom.p[i]);
+    domain[n] = '\0';
+    route_for_domain(s->cfg, domain, r);
+}
+
+static void
+sched_job_append(struct sched_dest *d, struct sched_job *j)
+{
+    j->next = NULL;
+    if (d->tail)
+        d->tail->next = j;
+    else
+        d->head = j;
+    d->tail = j;
+    d->nready++;
+}
+
+static struct sched_job *
+sched_job_pop(struct sched_dest *d)
+{
+    struct sched_job *j = d->head;
+    if (j == NULL)
+        return NULL;
+    d->head = j->next;
+    if (d->head == NULL)
+        d->tail = NULL;
+    d->nready--;
+    j->next = NULL;
+    return j;
+}
+
+static void
+sched_consider(struct sched *s, const char *qid)
+{
+    const struct spool_envelope *env = spool_get(s->spool, qid);
+    if (env == NULL || (env->flags & SPOOL_F_QUARANTINED))
+        return;
+    struct sched_msg *m = sched_msg_get(s, qid, env->nrcpts);
+    if (m->removing) {
+        sched_msg_release(s, m);
+        return;
+    }
+    int64_t now = now_ms();
+    int64_t earliest = INT64_MAX;
+    /* open jobs, one per destination seen in this pass */
+    struct sched_dest **dests = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*dests));
+    struct sched_job **jobs = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*jobs));
+    size_t nopen = 0;
+    struct sched_dest **touched = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*touched));
+    size_t ntouched = 0;
+    for (size_t i = 0; i < env->nrcpts; i++) {
+        const struct spool_rcpt *r = &env->rcpts[i];
+        if (m->busy[i])
+            continue;
+        if (r->state == SPOOL_RCPT_DEFERRED && r->next_attempt_ms > now) {
+            if (r->next_attempt_ms < earliest)
+                earliest = r->next_attempt_ms;
+            continue;
+        }
+        if (r->state != SPOOL_RCPT_PENDING && r->state != SPOOL_RCPT_DEFERRED)
+            continue;
+        if (s->stopping)
+            continue;
+        struct route rt;
+        sched_route_for_rcpt(s, r->addr, &rt);
+        struct sched_dest *d = sched_dest_get(s, &rt);
+        size_t k = 0;
+        while (k < nopen && dests[k] != d)
+            k++;
+        if (k == nopen || jobs[k]->n == SCHED_RCPTS_PER_TXN) {
+            struct sched_job *j = xcalloc(1, sizeof(*j));
+            memcpy(j->qid, qid, sizeof(j->qid));
+            sched_job_append(d, j);
+            if (k == nopen)
+                nopen++;
+            dests[k] = d;
+            jobs[k] = j;
+            size_t t = 0;
+            while (t < ntouched && touched[t] != d)
+                t++;
+            if (t == ntouched)
+                touched[ntouched++] = d;
+        }
+        jobs[k]->idx[jobs[k]->n++] = i;
+        m->busy[i] = 1;
+    }
+    if (earliest != INT64_MAX)
+        sched_heap_push(s, earliest, qid);
+    if (ntouched == 0 && earliest == INT64_MAX && !m->removing && m->commits == 0) {
+        bool idle = true;
+        for (size_t i = 0; i < m->nrcpts; i++)
+            idle = idle && !m->busy[i];
+        if (idle) {
+            /* every recipient is final (e.g. recovered after a crash that
+             * came before the removal): remove the message */
+            free(dests);
+            free(jobs);
+            free(touched);
+            sched_settle(s, m);
+            return;
+        }
+    }
+    for (size_t t = 0; t < ntouched; t++)
+        sched_pump(s, touched[t]);
+    free(dests);
+    free(jobs);
+    free(touched);
+    sched_msg_release(s, m);
+}
+
+/* ---- outcomes ---------------------------------------------------------- */
+
+struct sched_commit {
+    struct sched *s;
+    char qid[SPOOL_QID_SIZE];
+    size_t idx;          /* recipient index, or SIZE_MAX for whole-message records */
+};
+
+static void
+sched_on_remove(int status, void *arg)
+{
+    struct sched_commit *sc = arg;
+    struct sched *s = sc->s;
+    struct sched_msg *m = sched_msg_find(s, sc->qid);
+    if (status != 0)
+        log_msg(LOG_WARNING, sc->qid, "spool: cannot remove finished message: %s",
+                strerror(-status));
+    else
+        log_msg(LOG_INFO, sc->qid, "removed");
+    if (m) {
+        m->removing = false;
+        m->commits--;
+        sched_msg_release(s, m);
+    }
+    free(sc);
+}
+
+/* All records of a message are committed: remove it if every recipient is
+ * final, else make sure its deferred recipients have a wake-up. */
+static void
+sched_settle(struct sched *s, struct sched_msg *m)
+{
+    const struct spool_envelope *env = spool_get(s->spool, m->qid);
+    if (env == NULL) {
+        sched_msg_release(s, m);
+        return;
+    }
+    bool final = true;
+    for (size_t i = 0; i < env->nrcpts; i++) {
+        if (m->busy[i] || (env->rcpts[i].state != SPOOL_RCPT_DELIVERED
+                           && env->rcpts[i].state != SPOOL_RCPT_FAILED))
+            final = false;
+    }
+    if (final && !m->removing) {
+        m->removing = true;
+        m->commits++;
+        struct sched_commit *sc = xcalloc(1, sizeof(*sc));
+        sc->s = s;
+        memcpy(sc->qid, m->qid, sizeof(sc->qid));
+        sc->idx = SIZE_MAX;
+        spool_remove(s->spool, m->qid, sched_on_remove, sc);
+        return;
+    }
+    char qid[SPOOL_QID_SIZE];
+    memcpy(qid, m->qid, sizeof(qid));
+    sched_consider(s, qid); /* re-queues anything due, arms the wake-up */
+}
+
+static void
+sched_on_update(int status, void *arg)
+{
+    struct sched_commit *sc = arg;
+    struct sched *s = sc->s;
+    struct sched_msg *m = sched_msg_find(s, sc->qid);
+    if (status != 0)
+        log_msg(LOG_WARNING, sc->qid, "spool: cannot record delivery state: %s",
+                strerror(-status));
+    if (m) {
+        if (sc->idx < m->nrcpts)
+            m->busy[sc->idx] = 0;
+        if (--m->commits == 0)
+            sched_settle(s, m);
+    }
+    free(sc);
+}
+
+static void
+sched_on_bounce_queued(int status, void *arg)
+{
+    struct sched_commit *sc = arg;
+    if (status == 0)
+        sched_enqueue(sc->s, sc->qid);
+    else
+        log_msg(LOG_WARNING, sc->qid, "spool: cannot queue notification: %s", strerror(-status));
+    free(sc);
+}
+
+/* Derives the enhanced code when the server gave none. */
+static const char *
+sched_reply_esc(const struct smtpc_reply *r)
+{
+    if (r->esc[0])
+        return r->esc;
+    return r->code >= 500 ? "5.0.0" : r->code >= 400 ? "4.0.0" : "2.0.0";
+}
+
+static void
+sched_reply_text(const struct smtpc_reply *r, char *out, size_t size)
+{
+    if (r->esc[0])
+        snprintf(out, size, "%d %s %s", r->code, r->esc, r->text);
+    else
+        snprintf(out, size, "%d %s", r->code, r->text);
+}
+
+/* Queues a DSN (failure or success) about env for the listed recipients. */
+static void
+sched_notify(struct sched *s, const struct spool_envelope *env, const struct span original,
+             const struct bounce_rcpt *brs, size_t n, enum bounce_action action)
+{
+    struct spool_envelope b;
+    memset(&b, 0, sizeof(b));
+    spool_new_qid(s->spool, b.qid);
+    char msgid[128];
+    snprintf(msgid, sizeof(msgid), "%s.dsn@%s", b.qid, s->cfg->hostname);
+    struct bounce_params p;
+    memset(&p, 0, sizeof(p));
+    p.reporting_mta = s->cfg->hostname;
+    p.from_name = s->cfg->bounce.from_name;
+    p.to = env->sender;
+    p.orig_qid = env->qid;
+    p.envid = env->envid;
+    p.arrival_ms = env->arrival_ms;
+    p.now_ms = now_ms();
+    p.ret_full = env->ret == SMTP_RET_FULL;
+    p.smtputf8 = env->smtputf8;
+    p.rcpts = brs;
+    p.nrcpts = n;
+    p.original = original;
+    p.message_id = msgid;
+    struct buf content;
+    buf_init(&content);
+    bounce_build(&content, &p);
+
+    struct spool_rcpt r;
+    memset(&r, 0, sizeof(r));
+    r.addr = env->sender;
+    r.state = SPOOL_RCPT_PENDING;
+    b.arrival_ms = p.now_ms;
+    b.sender = (char *)"";
+    b.rcpts = &r;
+    b.nrcpts = 1;
+    b.smtputf8 = env->smtputf8;
+    b.body = bounce_is_8bit((struct span){ buf_ptr(&content), content.len }) ? SMTP_BODY_8BITMIME
+                                                                             : SMTP_BODY_7BIT;
+    b.listener = (char *)"(bounce)";
+    b.local_ip = (char *)"";
+    b.client_ip = (char *)"";
+    b.content_size = content.len;
+    struct span part = { buf_ptr(&content), content.len };
+    struct sched_commit *sc = xcalloc(1, sizeof(*sc));
+    sc->s = s;
+    memcpy(sc->qid, b.qid, sizeof(sc->qid));
+    spool_submit(s->spool, &b, &part, 1, sched_on_bounce_queued, sc);
+    buf_reset(&content);
+    log_msg(LOG_INFO, env->qid, "sender %s notification: %s",
+            action == BOUNCE_FAILED ? "non-delivery" : "delivery status", b.qid);
+}
+
+struct sched_outcome {
+    const char *relay;          /* "host[ip]:port" or "none" */
+    const char *remote_host;    /* for Remote-MTA, or NULL */
+    const char *src;            /* local address used, or NULL */
+    bool server_dsn;            /* next hop advertised DSN */
+    bool lmtp;
+};
+
+/* Applies one transaction's (or a destination failure's) replies to the
+ * job's recipients: logs, notifications, spool records. replies[i] belongs
+ * to job->idx[i]. original may be empty (read here when a DSN needs it). */
+static void
+sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply *const *replies,
+               const struct sched_outcome *oc, const struct buf *content)
+{
+    const struct spool_envelope *env = spool_get(s->spool, job->qid);
+    struct sched_msg *m = sched_msg_find(s, job->qid);
+    if (env == NULL || m == NULL) {
+        if (m) {
+            for (size_t k = 0; k < job->n; k++)
+                if (job->idx[k] < m->nrcpts)
+                    m->busy[job->idx[k]] = 0;
+            sched_msg_release(s, m);
+        }
+        return; /* deleted meanwhile */
+    }
+    int64_t now = now_ms();
+    struct bounce_rcpt *failed = xcalloc(job->n, sizeof(*failed));
+    struct bounce_rcpt *success = xcalloc(job->n, sizeof(*success));
+    char (*diag)[600] = xcalloc(job->n, sizeof(*diag));
+    size_t nfailed = 0, nsuccess = 0;
+    struct spool_rcpt *next = xcalloc(job->n, sizeof(*next));
+
+    for (size_t k = 0; k < job->n; k++) {
+        size_t i = job->idx[k];
+        const struct spool_rcpt *cur = &env->rcpts[i];
+        const struct smtpc_reply *rp = replies[k];
+        struct spool_rcpt *st = &next[k];
+        *st = *cur;
+        st->attempts = cur->attempts + 1;
+        st->updated_ms = now;
+        sched_reply_text(rp, diag[k], sizeof(diag[k]));
+        st->last_reply = diag[k];
+        const char *status;
+        if (rp->code >= 200 && rp->code < 300) {
+            st->state = SPOOL_RCPT_DELIVERED;
+            status = "sent";
+            if ((cur->notify & SMTP_NOTIFY_SUCCESS) && !oc->server_dsn && env->sender[0]) {
+                struct bounce_rcpt *b = &success[nsuccess++];
+                b->addr = cur->addr;
+                b->orcpt = cur->orcpt;
+                b->action = oc->lmtp ? BOUNCE_DELIVERED : BOUNCE_RELAYED;
+                b->status = sched_reply_esc(rp);
+                b->remote_mta = oc->remote_host;
+                b->diagnostic = diag[k];
+                b->last_attempt_ms = now;
+            }
+        } else {
+            bool perm = rp->code >= 500;
+            struct sched_retry rd;
+            if (!perm)
+                sched_retry_decide(s->cfg, st->attempts, env->arrival_ms, now, &rd);
+            if (perm || rd.give_up) {
+                st->state = SPOOL_RCPT_FAILED;
+                status = "bounced";
+                bool wants = cur->notify == 0 || (cur->notify & SMTP_NOTIFY_FAILURE);
+                if (wants && s->cfg->bounce.enabled) {
+                    struct bounce_rcpt *b = &failed[nfailed++];
+                    b->addr = cur->addr;
+                    b->orcpt = cur->orcpt;
+                    b->action = BOUNCE_FAILED;
+                    b->status = sched_reply_esc(rp);
+                    b->remote_mta = oc->remote_host;
+                    b->diagnostic = diag[k];
+                    b->last_attempt_ms = now;
+                }
+            } else {
+                st->state = SPOOL_RCPT_DEFERRED;
+                st->next_attempt_ms = rd.next_ms;
+                status = "deferred";
+            }
+        }
+        struct log_line ll;
+        log_begin(&ll, LOG_INFO, job->qid);
+        char vis[600];
+        log_kv(&ll, "to", "<%s>", str_vis(vis, sizeof(vis), cur->addr, strlen(cur->addr)));
+        if (cur->orcpt)
+            log_kv(&ll, "orig_to", "<%s>", str_vis(vis, sizeof(vis), cur->orcpt,
+                                                    strlen(cur->orcpt)));
+        log_kv(&ll, "relay", "%s", oc->relay);
+        if (oc->src)
+            log_kv(&ll, "src", "%s", oc->src);
+        log_kv(&ll, "helo", "%s",
+               s->cfg->delivery.hostname ? s->cfg->delivery.hostname : s->cfg->hostname);
+        log_kv(&ll, "delay", "%.2f", (double)(now - env->arrival_ms) / 1000.0);
+        log_kv(&ll, "attempts", "%" PRIu32, st->attempts);
+        log_kv(&ll, "dsn", "%s", sched_reply_esc(rp));
+        log_kv(&ll, "status", "%s (%s)", status, str_vis(vis, sizeof(vis), diag[k],
+                                                          strlen(diag[k])));
+        log_end(&ll);
+    }
+
+    if (nfailed + nsuccess > 0) {
+        struct buf orig;
+        buf_init(&orig);
+        struct span original = { NULL, 0 };
+        if (content && content->len > 0) {
+            original = (struct span){ buf_ptr(content), content->len };
+        } else if (spool_read_content(s->spool, job->qid, &orig) == 0) {
+            original = (struct span){ buf_ptr(&orig), orig.len };
+        }
+        if (env->sender[0] == '\0') {
+            if (nfailed > 0)
+                log_msg(LOG_INFO, job->qid, "double bounce: dropped (the sender is <>)");
+        } else {
+            if (nfailed > 0)
+                sched_notify(s, env, original, failed, nfailed, BOUNCE_FAILED);
+            if (nsuccess > 0)
+                sched_notify(s, env, original, success, nsuccess, BOUNCE_RELAYED);
+        }
+        buf_reset(&orig);
+    }
+
+    /* the envelope may move once records are applied: copy what we need */
+    char qid[SPOOL_QID_SIZE];
+    memcpy(qid, job->qid, sizeof(qid));
+    for (size_t k = 0; k < job->n; k++) {
+        struct sched_commit *sc = xcalloc(1, sizeof(*sc));
+        sc->s = s;
+        memcpy(sc->qid, qid, sizeof(sc->qid));
+        sc->idx = job->idx[k];
+        m->commits++;
+        spool_update_rcpt(s->spool, qid, job->idx[k], &next[k], sched_on_update, sc);
+    }
+    free(next);
+    free(diag);
+    free(failed);
+    free(success);
+}
+
+/* Every job waiting for a destination gets the same reply (DNS failure, no
+ * MX host reachable). */
+static void
+sched_dest_fail(struct sched *s, struct sched_dest *d, const struct smtpc_reply *r,
+                const char *relay)
+{
+    struct sched_outcome oc = { .relay = relay ? relay : "none", .lmtp = d->route.lmtp };
+    const struct smtpc_reply *replies[SCHED_RCPTS_PER_TXN];
+    for (size_t k = 0; k < SCHED_RCPTS_PER_TXN; k++)
+        replies[k] = r;
+    struct sched_job *j;
+    while ((j = sched_job_pop(d)) != NULL) {
+        sched_job_done(s, j, replies, &oc, NULL);
+        free(j);
+    }
+}
+
+/* ---- sessions ---------------------------------------------------------- */
+
+static void
+sched_sess_clear_txn(struct sched_sess *ss)
+{
+    free(ss->job);
+    ss->job = NULL;
+    buf_reset(&ss->content);
+    free(ss->sender);
+    free(ss->envid);
+    for (size_t i = 0; i < ss->nowned; i++)
+        free(ss->owned[i]);
+    free(ss->owned);
+    free(ss->rcpts);
+    free(ss->orcpt);
+    free(ss->notify);
+    ss->sender = ss->envid = NULL;
+    ss->owned = NULL;
+    ss->rcpts = ss->orcpt = NULL;
+    ss->notify = NULL;
+    ss->nowned = 0;
+}
+
+static void
+sched_check_idle(struct sched *s)
+{
+    if (s->stopping && s->nsessions == 0 && s->idle_cb) {
+        void (*cb)(void *) = s->idle_cb;
+        s->idle_cb = NULL;
+        cb(s->idle_arg);
+    }
+}
+
+static void
+sched_sess_unidle(struct sched_sess *ss)
+{
+    if (!ss->idle)
+        return;
+    struct sched_sess **pp = &ss->dest->idle;
+    while (*pp && *pp != ss)
+        pp = &(*pp)->idle_next;
+    if (*pp)
+        *pp = ss->idle_next;
+    ss->idle = false;
+    ss->idle_next = NULL;
+    timer_stop(ss->idle_timer);
+}
+
+static void
+sched_sess_free(struct sched_sess *ss)
+{
+    struct sched *s = ss->s;
+    struct sched_dest *d = ss->dest;
+    sched_sess_unidle(ss);
+    if (ss->prev)
+        ss->prev->next = ss->next;
+    else
+        s->sessions = ss->next;
+    if (ss->next)
+        ss->next->prev = ss->prev;
+    s->nsessions--;
+    d->sessions--;
+    if (!ss->ready_seen)
+        d->starting--;
+    sched_sess_clear_txn(ss);
+    timer_free(ss->idle_timer);
+    free(ss);
+    sched_pump(s, d);
+    sched_check_idle(s);
+}
+
+static void
+sched_on_idle_timeout(struct timer *t, void *arg)
+{
+    struct sched_sess *ss = arg;
+    (void)t;
+    sched_sess_unidle(ss);
+    if (ss->c)
+        smtpc_quit(ss->c);
+}
+
+/* Hands a job to a READY session. */
+static void
+sched_sess_send(struct sched_sess *ss, struct sched_job *job)
+{
+    struct sched *s = ss->s;
+    const struct spool_envelope *env = spool_get(s->spool, job->qid);
+    struct sched_msg *m = sched_msg_find(s, job->qid);
+    if (env == NULL || spool_read_content(s->spool, job->qid, &ss->content) != 0) {
+        if (m) {
+            for (size_t k = 0; k < job->n; k++)
+                if (job->idx[k] < m->nrcpts)
+                    m->busy[job->idx[k]] = 0;
+            sched_msg_release(s, m);
+        }
+        log_msg(LOG_WARNING, job->qid, "message vanished from the spool before delivery");
+        free(job);
+        buf_reset(&ss->content);
+        sched_sess_next(ss);
+        return;
+    }
+    ss->job = job;
+    ss->sender = xstrdup(env->sender);
+    ss->envid = env->envid ? xstrdup(env->envid) : NULL;
+    ss->rcpts = xcalloc(job->n, sizeof(*ss->rcpts));
+    ss->orcpt = xcalloc(job->n, sizeof(*ss->orcpt));
+    ss->notify = xcalloc(job->n, sizeof(*ss->notify));
+    ss->owned = xcalloc(job->n * 2, sizeof(*ss->owned));
+    for (size_t k = 0; k < job->n; k++) {
+        const struct spool_rcpt *r = &env->rcpts[job->idx[k]];
+        ss->owned[ss->nowned] = xstrdup(r->addr);
+        ss->rcpts[k] = ss->owned[ss->nowned++];
+        if (r->orcpt) {
+            ss->owned[ss->nowned] = xstrdup(r->orcpt);
+            ss->orcpt[k] = ss->owned[ss->nowned++];
+        }
+        ss->notify[k] = r->notify;
+    }
+    struct smtpc_msg msg = {
+        .qid = job->qid,
+        .sender = ss->sender,
+        .nrcpts = job->n,
+        .rcpts = ss->rcpts,
+        .notify = ss->notify,
+        .orcpt = ss->orcpt,
+        .ret = env->ret,
+        .envid = ss->envid,
+        .body = env->body,
+        .smtputf8 = env->smtputf8,
+        .content = { buf_ptr(&ss->content), ss->content.len },
+    };
+    smtpc_send(ss->c, &msg);
+}
+
+/* A session is READY: give it work, park it, or end it. */
+static void
+sched_sess_next(struct sched_sess *ss)
+{
+    struct sched *s = ss->s;
+    struct sched_dest *d = ss->dest;
+    if (s->stopping || smtpc_transactions(ss->c) >= s->cfg->delivery.max_messages_per_connection) {
+        smtpc_quit(ss->c);
+        return;
+    }
+    struct sched_job *j = sched_job_pop(d);
+    if (j != NULL) {
+        sched_sess_send(ss, j);
+        return;
+    }
+    ss->idle = true;
+    ss->idle_next = d->idle;
+    d->idle = ss;
+    timer_arm(ss->idle_timer, s->cfg->delivery.connection_cache_time_ms);
+}
+
+static void
+sched_on_smtpc(struct smtpc *c, enum smtpc_event ev, void *arg)
+{
+    struct sched_sess *ss = arg;
+    struct sched *s = ss->s;
+    switch (ev) {
+    case SMTPC_EV_READY:
+        if (!ss->ready_seen) {
+            ss->ready_seen = true;
+            ss->dest->starting--;
+        }
+        sched_sess_next(ss);
+        return;
+    case SMTPC_EV_DONE: {
+        struct sched_job *job = ss->job;
+        if (job == NULL)
+            return;
+        const struct smtpc_reply *replies[SCHED_RCPTS_PER_TXN];
+        for (size_t k = 0; k < job->n; k++)
+            replies[k] = smtpc_rcpt_reply(c, k);
+        struct sched_outcome oc = {
+            .relay = smtpc_relay(c),
+            .remote_host = smtpc_remote_host(c),
+            .src = smtpc_local_ip(c),
+            .server_dsn = smtpc_server_has_dsn(c),
+            .lmtp = ss->dest->route.lmtp,
+        };
+        sched_job_done(s, job, replies, &oc, &ss->content);
+        sched_sess_clear_txn(ss);
+        return;
+    }
+    case SMTPC_EV_FAILED:
+        sched_dest_fail(s, ss->dest, smtpc_failure(c), smtpc_relay(c));
+        return;
+    case SMTPC_EV_CLOSED:
+        ss->c = NULL;
+        if (ss->job) {
+            /* smtp_client reports DONE before CLOSED; this is a safety net */
+            struct smtpc_reply lost = { .code = 451, .esc = "4.4.2" };
+            snprintf(lost.text, sizeof(lost.text), "lost connection");
+            const struct smtpc_reply *replies[SCHED_RCPTS_PER_TXN];
+            for (size_t k = 0; k < ss->job->n; k++)
+                replies[k] = &lost;
+            struct sched_outcome oc = { .relay = "none", .lmtp = ss->dest->route.lmtp };
+            sched_job_done(s, ss->job, replies, &oc, &ss->content);
+            sched_sess_clear_txn(ss);
+        }
+        sched_sess_free(ss);
+        return;
+    }
+}
+
+static void
+sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n)
+{
+    struct sched *s = ss->s;
+    const struct petrel_config *cfg = s->cfg;
+    struct smtpc_options o = {
+        .helo_name = cfg->delivery.hostname ? cfg->delivery.hostname : cfg->hostname,
+        .lmtp = ss->dest->route.lmtp,
+        .connect_timeout_ms = cfg->delivery.timeouts.connect_ms,
+        .greeting_timeout_ms = cfg->delivery.timeouts.greeting_ms,
+        .command_timeout_ms = cfg->delivery.timeouts.command_ms,
+        .data_init_timeout_ms = cfg->delivery.timeouts.data_init_ms,
+        .data_block_timeout_ms = cfg->delivery.timeouts.data_block_ms,
+        .data_end_timeout_ms = cfg->delivery.timeouts.data_end_ms,
+    };
+    ss->c = smtpc_start(s->loop, t, n, &o, sched_on_smtpc, ss);
+}
+
+static unsigned
+sched_dest_port(const struct sched *s, const struct sched_dest *d)
+{
+    if (d->route.port)
+        return d->route.port;
+    return d->route.lmtp ? ROUTE_LMTP_PORT : s->cfg->delivery.port;
+}
+
+static void
+sched_on_dns(struct dns_query *q, enum dns_status st, const struct dns_result *res,
+             const char *detail, void *arg)
+{
+    struct sched_sess *ss = arg;
+    struct sched *s = ss->s;
+    struct sched_dest *d = ss->dest;
+    (void)q;
+    ss->q = NULL;
+    if (st != DNS_OK) {
+        struct smtpc_reply r;
+        memset(&r, 0, sizeof(r));
+        const char *what = d->route.host;
+        switch (st) {
+        case DNS_NXDOMAIN:
+            r.code = 550;
+            snprintf(r.esc, sizeof(r.esc), "5.1.2");
+            snprintf(r.text, sizeof(r.text), "Host or domain name not found: %s (%s)", what,
+                     detail ? detail : "NXDOMAIN");
+            break;
+        case DNS_NULL_MX:
+            r.code = 556;
+            snprintf(r.esc, sizeof(r.esc), "5.1.10");
+            snprintf(r.text, sizeof(r.text), "Domain %s does not accept mail (null MX)", what);
+            break;
+        case DNS_NO_ADDRESS:
+            if (res == NULL && d->route.kind == ROUTE_MX) {
+                /* implicit MX without an address: nothing will ever answer */
+                r.code = 550;
+                snprintf(r.esc, sizeof(r.esc), "5.1.2");
+            } else {
+                r.code = 451;
+                snprintf(r.esc, sizeof(r.esc), "4.4.3");
+            }
+            snprintf(r.text, sizeof(r.text), "No address for the mail exchangers of %s (%s)",
+                     what, detail ? detail : "no A/AAAA");
+            break;
+        default:
+            r.code = 451;
+            snprintf(r.esc, sizeof(r.esc), "4.4.3");
+            snprintf(r.text, sizeof(r.text), "Name service error for %s: %s", what,
+                     detail ? detail : "temporary failure");
+            break;
+        }
+        sched_dest_fail(s, d, &r, "none");
+        sched_sess_free(ss);
+        return;
+    }
+    size_t total = 0;
+    for (size_t i = 0; i < res->nhosts; i++)
+        total += res->hosts[i].naddrs;
+    struct smtpc_target *t = xcalloc(total ? total : 1, sizeof(*t));
+    size_t n = 0;
+    unsigned port = sched_dest_port(s, d);
+    for (size_t i = 0; i < res->nhosts; i++) {
+        const struct dns_host *h = &res->hosts[i];
+        for (size_t a = 0; a < h->naddrs; a++) {
+            struct smtpc_target *x = &t[n++];
+            if (!str_copy(x->host, sizeof(x->host), h->name))
+                x->host[0] = '\0';
+            memcpy(&x->addr, &h->addrs[a].ss, sizeof(x->addr));
+            x->addr_len = h->addrs[a].len;
+            if (x->addr.ss_family == AF_INET)
+                ((struct sockaddr_in *)&x->addr)->sin_port = htons((uint16_t)port);
+            else
+                ((struct sockaddr_in6 *)&x->addr)->sin6_port = htons((uint16_t)port);
+        }
+    }
+    sched_sess_connect(ss, t, n);
+    free(t);
+}
+
+/* Builds a target straight from an IP literal or a unix path. */
+static bool
+sched_literal_target(const struct sched *s, const struct sched_dest *d, struct smtpc_target *t)
+{
+    memset(t, 0, sizeof(*t));
+    if (d->route.kind == ROUTE_UNIX) {
+        struct sockaddr_un *sun = (struct sockaddr_un *)&t->addr;
+        sun->sun_family = AF_UNIX;
+        if (!str_copy(sun->sun_path, sizeof(sun->sun_path), d->route.path))
+            return false;
+        t->addr_len = sizeof(*sun);
+        snprintf(t->host, sizeof(t->host), "%s", d->route.path);
+        return true;
+    }
+    unsigned port = sched_dest_port(s, d);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&t->addr;
+    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&t->addr;
+    if (inet_pton(AF_INET, d->route.host, &sin->sin_addr) == 1) {
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        t->addr_len = sizeof(*sin);
+    } else if (inet_pton(AF_INET6, d->route.host, &sin6->sin6_addr) == 1) {
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        t->addr_len = sizeof(*sin6);
+    } else {
+        return false;
+    }
+    snprintf(t->host, sizeof(t->host), "%s", d->route.host);
+    return true;
+}
+
+static void
+sched_sess_start(struct sched *s, struct sched_dest *d)
+{
+    struct sched_sess *ss = xcalloc(1, sizeof(*ss));
+    ss->s = s;
+    ss->dest = d;
+    ss->idle_timer = timer_new(s->loop, sched_on_idle_timeout, ss);
+    ss->next = s->sessions;
+    if (s->sessions)
+        s->sessions->prev = ss;
+    s->sessions = ss;
+    s->nsessions++;
+    d->sessions++;
+    d->starting++;
+    struct smtpc_target t;
+    if (sched_literal_target(s, d, &t)) {
+        sched_sess_connect(ss, &t, 1);
+        return;
+    }
+    if (d->route.kind == ROUTE_MX)
+        ss->q = dns_resolve_mx(s->dns, d->route.host, sched_on_dns, ss);
+    else
+        ss->q = dns_resolve_host(s->dns, d->route.host, sched_on_dns, ss);
+}
+
+static void
+sched_pump(struct sched *s, struct sched_dest *d)
+{
+    while (d->head != NULL && !s->stopping) {
+        if (d->idle != NULL) {
+            struct sched_sess *ss = d->idle;
+            sched_sess_unidle(ss);
+            sched_sess_send(ss, sched_job_pop(d));
+            continue;
+        }
+        if (d->sessions >= s->cfg->delivery.max_connections_per_destination
+            || s->nsessions >= s->cfg->delivery.max_connections || d->starting >= d->nready)
+            break;
+        sched_sess_start(s, d);
+    }
+}
+
+/* ---- lifecycle --------------------------------------------------------- */
+
+struct sched *
+sched_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct spool *sp, struct dns *dns)
+{
+    struct sched *s = xcalloc(1, sizeof(*s));
+    s->loop = loop;
+    s->cfg = config_ref(cfg);
+    s->spool = sp;
+    s->dns = dns;
+    s->wake_timer = timer_new(loop, sched_on_wake, s);
+    return s;
+}
+
+static void
+sched_start_one(const struct spool_envelope *env, void *arg)
+{
+    struct sched *s = arg;
+    /* defer the work: sched_consider may queue spool records */
+    int64_t at = 0;
+    for (size_t i = 0; i < env->nrcpts; i++) {
+        const struct spool_rcpt *r = &env->rcpts[i];
+        if (r->state == SPOOL_RCPT_PENDING || r->state == SPOOL_RCPT_DEFERRED) {
+            int64_t t = r->state == SPOOL_RCPT_PENDING ? 0 : r->next_attempt_ms;
+            if (at == 0 || t < at)
+                at = t;
+        }
+    }
+    if (!(env->flags & SPOOL_F_QUARANTINED))
+        sched_heap_push(s, at, env->qid); /* at 0 also sweeps finished messages */
+}
+
+void
+sched_start(struct sched *s)
+{
+    if (s->cfg->delivery.hold) {
+        log_msg(LOG_WARNING, NULL, "delivery.hold is set: mail is queued but not delivered");
+        return;
+    }
+    spool_foreach(s->spool, sched_start_one, s);
+    /* finished messages left over (e.g. a crash before their removal) are
+     * also swept: sched_consider → settle happens when a heap entry fires */
+    sched_wake_arm(s);
+}
+
+void
+sched_enqueue(struct sched *s, const char *qid)
+{
+    if (s->stopping || s->cfg->delivery.hold)
+        return;
+    sched_consider(s, qid);
+}
+
+void
+sched_stop(struct sched *s, void (*idle_cb)(void *arg), void *arg)
+{
+    s->stopping = true;
+    s->idle_cb = idle_cb;
+    s->idle_arg = arg;
+    timer_stop(s->wake_timer);
+    struct sched_sess *next;
+    for (struct sched_sess *ss = s->sessions; ss; ss = next) {
+        next = ss->next;
+        if (ss->q) {
+            dns_cancel(ss->q);
+            ss->q = NULL;
+            sched_sess_free(ss);
+            continue;
+        }
+        if (ss->idle) {
+            sched_sess_unidle(ss);
+            smtpc_quit(ss->c);
+        } else if (!ss->ready_seen && ss->c) {
+            smtpc_abort(ss->c);
+        }
+    }
+    sched_check_idle(s);
+}
+
+void
+sched_abort(struct sched *s)
+{
+    for (struct sched_sess *ss = s->sessions; ss; ss = ss->next)
+        if (ss->c)
+            smtpc_abort(ss->c);
+}
+
+size_t
+sched_sessions(const struct sched *s)
+{
+    return s->nsessions;
+}
+
+void
+sched_free(struct sched *s)
+{
+    if (s == NULL)
+        return;
+    if (s->nsessions != 0)
+        PANIC("sched_free with %zu sessions", s->nsessions);
+    for (size_t b = 0; b < SCHED_BUCKETS; b++) {
+        struct sched_dest *dn;
+        for (struct sched_dest *d = s->dests[b]; d; d = dn) {
+            dn = d->hnext;
+            struct sched_job *j;
+            while ((j = sched_job_pop(d)) != NULL)
+                free(j);
+            free(d);
+        }
+        struct sched_msg *mn;
+        for (struct sched_msg *m = s->msgs[b]; m; m = mn) {
+            mn = m->hnext;
+            free(m->busy);
+            free(m);
+        }
+    }
+    free(s->heap);
+    timer_free(s->wake_timer);
+    config_unref(s->cfg);
+    free(s);
+}
