@@ -846,22 +846,30 @@ config_check_ip(char **v, char *why, size_t size)
 
 /* A literal IP this machine owns: binding a UDP socket to it (port 0) fails
  * with EADDRNOTAVAIL otherwise. Every 127.0.0.0/8 address is local on Linux. */
+int
+config_ip_local_errno(const char *ip)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    if (!config_parse_ip(ip, 0, &ss, &len))
+        return EINVAL;
+    /* binding a datagram socket to it succeeds only for a local address */
+    int fd = socket(ss.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int r = fd < 0 ? -1 : bind(fd, (const struct sockaddr *)&ss, len);
+    int err = errno;
+    if (fd >= 0)
+        close(fd);
+    return r == 0 ? 0 : err;
+}
+
 static const char *
 config_check_local_ip(char **v, char *why, size_t size)
 {
     const char *reason = config_check_ip(v, why, size);
     if (reason != NULL)
         return reason;
-    struct sockaddr_storage ss;
-    socklen_t len;
-    if (!config_parse_ip(*v, 0, &ss, &len))
-        PANIC("normalized address %s does not parse", *v);
-    int fd = socket(ss.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    int r = fd < 0 ? -1 : bind(fd, (const struct sockaddr *)&ss, len);
-    int err = errno;
-    if (fd >= 0)
-        close(fd);
-    if (r == 0)
+    int err = config_ip_local_errno(*v);
+    if (err == 0)
         return NULL;
     if (err == EADDRNOTAVAIL || err == EAFNOSUPPORT)
         snprintf(why, size, "%s is not a local address", *v);

@@ -220,6 +220,11 @@ bool config_parse_cidr(const char *s, struct cidr *out);   /* "10.0.0.0/8", "::1
 /* "host:port", "[v6]:port", "*:port" → sockaddr. */
 bool config_parse_hostport(const char *s, struct sockaddr_storage *ss, socklen_t *len);
 
+/* 0 if ip (a literal) is an address of this machine (a socket can bind to
+ * it), else the errno: EADDRNOTAVAIL when it is not local, EINVAL when it
+ * is not an IP literal. */
+int config_ip_local_errno(const char *ip);
+
 /* True if the address (AF_INET/AF_INET6 sockaddr) lies in one of the CIDRs. */
 bool cidr_list_match(const struct cidr_list *l, const struct sockaddr *sa);
 bool cidr_match(const struct cidr *c, const struct sockaddr *sa);

@@ -177,6 +177,43 @@ main_on_signal(uv_signal_t *h, int signum)
     main_stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
+/* The machine's own non-loopback addresses (IPv6 link-local ones need a
+ * scope and are left out), for source selection's last resort. */
+static size_t
+main_local_addresses(char (**out)[46])
+{
+    uv_interface_address_t *ifs = NULL;
+    int n = 0;
+    *out = NULL;
+    if (uv_interface_addresses(&ifs, &n) != 0)
+        return 0;
+    char (*v)[46] = xcalloc((size_t)(n > 0 ? n : 1), sizeof(*v));
+    size_t k = 0;
+    for (int i = 0; i < n; i++) {
+        if (ifs[i].is_internal)
+            continue;
+        const struct sockaddr *sa = (const struct sockaddr *)&ifs[i].address;
+        if (sa->sa_family == AF_INET) {
+            uv_ip4_name((const struct sockaddr_in *)sa, v[k], sizeof(v[k]));
+        } else if (sa->sa_family == AF_INET6) {
+            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+            if (s6->sin6_addr.s6_addr[0] == 0xfe && (s6->sin6_addr.s6_addr[1] & 0xc0) == 0x80)
+                continue;
+            uv_ip6_name(s6, v[k], sizeof(v[k]));
+        } else {
+            continue;
+        }
+        bool dup = false;
+        for (size_t j = 0; j < k; j++)
+            dup = dup || strcmp(v[j], v[k]) == 0;
+        if (!dup)
+            k++;
+    }
+    uv_free_interface_addresses(ifs, n);
+    *out = v;
+    return k;
+}
+
 static int
 main_serve(const char *path)
 {
@@ -199,7 +236,10 @@ main_serve(const char *path)
         log_msg(LOG_ERR, NULL, "cannot start the resolver: %s", err ? err : "?");
         goto out;
     }
-    d.sched = sched_new(&d.loop, d.cfg, d.spool, d.dns);
+    char (*locals)[46] = NULL;
+    size_t nlocals = main_local_addresses(&locals);
+    d.sched = sched_new(&d.loop, d.cfg, d.spool, d.dns, (const char (*)[46])locals, nlocals);
+    free(locals);
     d.srv = smtpd_server_new(d.cfg, d.spool);
     smtpd_server_on_queued(d.srv, main_on_queued, &d);
     if (listeners_start(&d.loop, d.cfg, d.srv, &d.listeners, &err) != 0) {

@@ -34,6 +34,7 @@
 #include "route.h"
 #include "smtp_client.h"
 #include "smtp_parse.h"
+#include "source.h"
 #include "spool.h"
 #include "timer.h"
 #include "util.h"
@@ -52,8 +53,9 @@ struct sched_sess;
 
 struct sched_dest {
     struct sched_dest *hnext;         /* hash chain */
-    char key[ROUTE_KEY_MAX];
+    char key[ROUTE_KEY_MAX + 2 * (SOURCE_IP_SIZE + 260)];
     struct route route;
+    struct source_choice src;         /* source address and EHLO name of its sessions */
     struct sched_job *head, *tail;    /* ready jobs, owned */
     size_t nready;
     unsigned sessions;                /* resolving, connecting or connected */
@@ -113,6 +115,8 @@ struct sched {
     bool stopping;
     void (*idle_cb)(void *arg);
     void *idle_arg;
+    char (*locals)[SOURCE_IP_SIZE];   /* owned: the machine's non-loopback addresses */
+    size_t nlocals;
 };
 
 static void sched_pump(struct sched *s, struct sched_dest *d);
@@ -131,12 +135,17 @@ sched_hash(const char *k)
     return h % SCHED_BUCKETS;
 }
 
+/* One destination per (next hop, source address, EHLO name): connections
+ * are only reused among messages that agree on all three. */
 static struct sched_dest *
-sched_dest_get(struct sched *s, const struct route *r)
+sched_dest_get(struct sched *s, const struct route *r, const struct source_choice *src)
 {
-    char key[ROUTE_KEY_MAX];
+    char rkey[ROUTE_KEY_MAX];
     unsigned port = r->lmtp ? ROUTE_LMTP_PORT : s->cfg->delivery.port;
-    route_key(r, port, key, sizeof(key));
+    route_key(r, port, rkey, sizeof(rkey));
+    char key[ROUTE_KEY_MAX + 2 * (SOURCE_IP_SIZE + 260)];
+    snprintf(key, sizeof(key), "%s|%s|%s|%s|%s", rkey, src->ip[SOURCE_V4],
+             src->hostname[SOURCE_V4], src->ip[SOURCE_V6], src->hostname[SOURCE_V6]);
     unsigned h = sched_hash(key);
     for (struct sched_dest *d = s->dests[h]; d; d = d->hnext)
         if (ascii_casecmp(d->key, key) == 0)
@@ -145,6 +154,7 @@ sched_dest_get(struct sched *s, const struct route *r)
     if (!str_copy(d->key, sizeof(d->key), key))
         PANIC("route key too long: %s", key);
     d->route = *r;
+    d->src = *src;
     d->hnext = s->dests[h];
     s->dests[h] = d;
     return d;
@@ -289,16 +299,33 @@ sched_retry_decide(const struct petrel_config *cfg, uint32_t attempts, int64_t a
 
 /* ---- consider: turn due recipients into jobs --------------------------- */
 
+/* The recipient's domain, lower-cased, into out. */
 static void
-sched_route_for_rcpt(struct sched *s, const char *rcpt, struct route *r)
+sched_rcpt_domain(const char *rcpt, char *out, size_t size)
 {
     struct span dom = smtp_addr_domain(rcpt);
-    char domain[SMTP_DOMAIN_MAX + 1];
-    size_t n = dom.len < sizeof(domain) - 1 ? dom.len : sizeof(domain) - 1;
+    size_t n = dom.len < size - 1 ? dom.len : size - 1;
     for (size_t i = 0; i < n; i++)
-        domain[i] = (char)ascii_tolower((unsigned char)dom.p[i]);
-    domain[n] = '\0';
-    route_for_domain(s->cfg, domain, r);
+        out[i] = (char)ascii_tolower((unsigned char)dom.p[i]);
+    out[n] = '\0';
+}
+
+/* Source selection for the recipients of env going to rcpt_domain. */
+static void
+sched_source_for(struct sched *s, const struct spool_envelope *env, const char *rcpt_domain,
+                 struct source_choice *out)
+{
+    struct source_locals locals = { s->locals, s->nlocals };
+    struct source_query q = {
+        .sender = env->sender,
+        .rcpt_domain = rcpt_domain,
+        .listener = env->listener,
+        .listener_ip = env->local_ip,
+        .client_ip = env->client_ip,
+        .xbind_ip = env->xbind_ip,
+        .xbind_hostname = env->xbind_hostname,
+    };
+    source_select(s->cfg, &locals, &q, NULL, out);
 }
 
 static void
@@ -346,6 +373,11 @@ sched_consider(struct sched *s, const char *qid)
     size_t nopen = 0;
     struct sched_dest **touched = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*touched));
     size_t ntouched = 0;
+    /* one source choice per recipient domain in this pass, so a random pick
+     * does not scatter one message's recipients over several connections */
+    char last_domain[SMTP_DOMAIN_MAX + 1] = "";
+    struct source_choice src;
+    bool have_src = false;
     for (size_t i = 0; i < env->nrcpts; i++) {
         const struct spool_rcpt *r = &env->rcpts[i];
         if (m->busy[i])
@@ -359,9 +391,16 @@ sched_consider(struct sched *s, const char *qid)
             continue;
         if (s->stopping)
             continue;
+        char domain[SMTP_DOMAIN_MAX + 1];
+        sched_rcpt_domain(r->addr, domain, sizeof(domain));
         struct route rt;
-        sched_route_for_rcpt(s, r->addr, &rt);
-        struct sched_dest *d = sched_dest_get(s, &rt);
+        route_for_domain(s->cfg, domain, &rt);
+        if (!have_src || strcmp(domain, last_domain) != 0) {
+            sched_source_for(s, env, domain, &src);
+            memcpy(last_domain, domain, sizeof(last_domain));
+            have_src = true;
+        }
+        struct sched_dest *d = sched_dest_get(s, &rt, &src);
         size_t k = 0;
         while (k < nopen && dests[k] != d)
             k++;
@@ -566,6 +605,8 @@ sched_notify(struct sched *s, const struct spool_envelope *env, const struct spa
 }
 
 struct sched_outcome {
+    const struct sched_dest *dest; /* its source choice (why) */
+    const char *helo;           /* EHLO name said, or NULL (none connected) */
     const char *relay;          /* "host[ip]:port" or "none" */
     const char *remote_host;    /* for Remote-MTA, or NULL */
     const char *src;            /* local address used, or NULL */
@@ -655,10 +696,14 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
             log_kv(&ll, "orig_to", "<%s>", str_vis(vis, sizeof(vis), cur->orcpt,
                                                     strlen(cur->orcpt)));
         log_kv(&ll, "relay", "%s", oc->relay);
-        if (oc->src)
-            log_kv(&ll, "src", "%s", oc->src);
-        log_kv(&ll, "helo", "%s",
-               s->cfg->delivery.hostname ? s->cfg->delivery.hostname : s->cfg->hostname);
+        const struct source_choice *sc = &oc->dest->src;
+        int fam = sc->ip[SOURCE_V4][0] || !sc->ip[SOURCE_V6][0] ? SOURCE_V4 : SOURCE_V6;
+        const char *src_ip = oc->src ? oc->src : sc->ip[fam][0] ? sc->ip[fam] : NULL;
+        if (src_ip)
+            log_kv(&ll, "src", "%s", src_ip);
+        char why[32];
+        source_why_text(sc, why, sizeof(why));
+        log_kv(&ll, "helo", "%s (%s)", oc->helo ? oc->helo : sc->hostname[fam], why);
         log_kv(&ll, "delay", "%.2f", (double)(now - env->arrival_ms) / 1000.0);
         log_kv(&ll, "attempts", "%" PRIu32, st->attempts);
         log_kv(&ll, "dsn", "%s", sched_reply_esc(rp));
@@ -711,7 +756,8 @@ static void
 sched_dest_fail(struct sched *s, struct sched_dest *d, const struct smtpc_reply *r,
                 const char *relay)
 {
-    struct sched_outcome oc = { .relay = relay ? relay : "none", .lmtp = d->route.lmtp };
+    struct sched_outcome oc = { .dest = d, .relay = relay ? relay : "none",
+                                .lmtp = d->route.lmtp };
     const struct smtpc_reply *replies[SCHED_RCPTS_PER_TXN];
     for (size_t k = 0; k < SCHED_RCPTS_PER_TXN; k++)
         replies[k] = r;
@@ -898,9 +944,11 @@ sched_on_smtpc(struct smtpc *c, enum smtpc_event ev, void *arg)
         for (size_t k = 0; k < job->n; k++)
             replies[k] = smtpc_rcpt_reply(c, k);
         struct sched_outcome oc = {
+            .dest = ss->dest,
             .relay = smtpc_relay(c),
             .remote_host = smtpc_remote_host(c),
             .src = smtpc_local_ip(c),
+            .helo = smtpc_helo(c),
             .server_dsn = smtpc_server_has_dsn(c),
             .lmtp = ss->dest->route.lmtp,
         };
@@ -920,7 +968,8 @@ sched_on_smtpc(struct smtpc *c, enum smtpc_event ev, void *arg)
             const struct smtpc_reply *replies[SCHED_RCPTS_PER_TXN];
             for (size_t k = 0; k < ss->job->n; k++)
                 replies[k] = &lost;
-            struct sched_outcome oc = { .relay = "none", .lmtp = ss->dest->route.lmtp };
+            struct sched_outcome oc = { .dest = ss->dest, .relay = "none",
+                                        .lmtp = ss->dest->route.lmtp };
             sched_job_done(s, ss->job, replies, &oc, &ss->content);
             sched_sess_clear_txn(ss);
         }
@@ -934,8 +983,10 @@ sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n
 {
     struct sched *s = ss->s;
     const struct petrel_config *cfg = s->cfg;
+    const struct source_choice *sc = &ss->dest->src;
     struct smtpc_options o = {
-        .helo_name = cfg->delivery.hostname ? cfg->delivery.hostname : cfg->hostname,
+        .helo_name = sc->hostname[SOURCE_V4][0] ? sc->hostname[SOURCE_V4]
+                                                : sc->hostname[SOURCE_V6],
         .lmtp = ss->dest->route.lmtp,
         .connect_timeout_ms = cfg->delivery.timeouts.connect_ms,
         .greeting_timeout_ms = cfg->delivery.timeouts.greeting_ms,
@@ -945,6 +996,50 @@ sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n
         .data_end_timeout_ms = cfg->delivery.timeouts.data_end_ms,
     };
     ss->c = smtpc_start(s->loop, t, n, &o, sched_on_smtpc, ss);
+}
+
+/* Binds target t to the destination's source address of its family (and
+ * says that family's EHLO name). False: no source of that family and the
+ * kernel may not choose — the target is not used. */
+static bool
+sched_target_source(const struct sched_dest *d, struct smtpc_target *t)
+{
+    int f;
+    if (t->addr.ss_family == AF_INET)
+        f = SOURCE_V4;
+    else if (t->addr.ss_family == AF_INET6)
+        f = SOURCE_V6;
+    else
+        return true; /* unix socket: nothing to bind */
+    const struct source_choice *sc = &d->src;
+    if (!str_copy(t->helo, sizeof(t->helo), sc->hostname[f]))
+        t->helo[0] = '\0';
+    const char *ip = sc->ip[f];
+    if (ip[0] == '\0')
+        return sc->any;
+    memset(&t->src, 0, sizeof(t->src));
+    if (f == SOURCE_V4) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&t->src;
+        s4->sin_family = AF_INET;
+        t->src_len = inet_pton(AF_INET, ip, &s4->sin_addr) == 1 ? sizeof(*s4) : 0;
+    } else {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&t->src;
+        s6->sin6_family = AF_INET6;
+        t->src_len = inet_pton(AF_INET6, ip, &s6->sin6_addr) == 1 ? sizeof(*s6) : 0;
+    }
+    return t->src_len > 0;
+}
+
+/* No target has a usable source address: fail the waiting jobs. */
+static void
+sched_no_source(struct sched *s, struct sched_sess *ss)
+{
+    struct smtpc_reply r = { .code = 451 };
+    snprintf(r.esc, sizeof(r.esc), "4.4.4");
+    snprintf(r.text, sizeof(r.text), "no mail exchanger of %s has an address of the source "
+             "address's family", ss->dest->route.host[0] ? ss->dest->route.host : "the route");
+    sched_dest_fail(s, ss->dest, &r, "none");
+    sched_sess_free(ss);
 }
 
 static unsigned
@@ -1021,7 +1116,14 @@ sched_on_dns(struct dns_query *q, enum dns_status st, const struct dns_result *r
                 ((struct sockaddr_in *)&x->addr)->sin_port = htons((uint16_t)port);
             else
                 ((struct sockaddr_in6 *)&x->addr)->sin6_port = htons((uint16_t)port);
+            if (!sched_target_source(d, x))
+                n--; /* no source address for this family */
         }
+    }
+    if (n == 0) {
+        free(t);
+        sched_no_source(s, ss);
+        return;
     }
     sched_sess_connect(ss, t, n);
     free(t);
@@ -1075,6 +1177,10 @@ sched_sess_start(struct sched *s, struct sched_dest *d)
     d->starting++;
     struct smtpc_target t;
     if (sched_literal_target(s, d, &t)) {
+        if (!sched_target_source(d, &t)) {
+            sched_no_source(s, ss);
+            return;
+        }
         sched_sess_connect(ss, &t, 1);
         return;
     }
@@ -1104,9 +1210,13 @@ sched_pump(struct sched *s, struct sched_dest *d)
 /* ---- lifecycle --------------------------------------------------------- */
 
 struct sched *
-sched_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct spool *sp, struct dns *dns)
+sched_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct spool *sp, struct dns *dns,
+          const char (*locals)[46], size_t nlocals)
 {
     struct sched *s = xcalloc(1, sizeof(*s));
+    s->locals = xcalloc(nlocals ? nlocals : 1, sizeof(*s->locals));
+    memcpy(s->locals, locals, nlocals * sizeof(*s->locals));
+    s->nlocals = nlocals;
     s->loop = loop;
     s->cfg = config_ref(cfg);
     s->spool = sp;
@@ -1218,6 +1328,7 @@ sched_free(struct sched *s)
         }
     }
     free(s->heap);
+    free(s->locals);
     timer_free(s->wake_timer);
     config_unref(s->cfg);
     free(s);

@@ -23,9 +23,10 @@ struct dns;
 struct sched;
 
 /* cfg (a reference is taken), spool and dns are borrowed and must outlive
- * the scheduler. */
+ * the scheduler. locals: the machine's non-loopback addresses (copied),
+ * the last resort of source selection. */
 struct sched *sched_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct spool *sp,
-                        struct dns *dns);
+                        struct dns *dns, const char (*locals)[46], size_t nlocals);
 /* Schedules every message recovered from the spool (due ones at once,
  * deferred ones at their next attempt time). */
 void sched_start(struct sched *s);

@@ -492,10 +492,10 @@ smtpc_enter(struct smtpc *c, enum smtpc_state state)
         conn_set_timeout(c->conn, c->opts.greeting_timeout_ms);
         return;
     case ST_EHLO:
-        smtpc_write_cmd(c, "%s %s", c->opts.lmtp ? "LHLO" : "EHLO", c->opts.helo_name);
+        smtpc_write_cmd(c, "%s %s", c->opts.lmtp ? "LHLO" : "EHLO", smtpc_helo(c));
         break;
     case ST_HELO:
-        smtpc_write_cmd(c, "HELO %s", c->opts.helo_name);
+        smtpc_write_cmd(c, "HELO %s", smtpc_helo(c));
         break;
     case ST_READY:
     case ST_DONE:
@@ -570,7 +570,9 @@ smtpc_log_target_failure(const struct smtpc *c, const struct smtpc_reply *r)
     log_event(&ll, "relay failed");
     log_kv(&ll, "relay", "%s", c->relay);
     char src[INET6_ADDRSTRLEN];
-    if (c->has_src && smtpc_addr_ip(&c->src, src, sizeof(src)))
+    const struct smtpc_target *t = &c->targets[c->cur];
+    if (t->src_len > 0 ? smtpc_addr_ip(&t->src, src, sizeof(src))
+                       : c->has_src && smtpc_addr_ip(&c->src, src, sizeof(src)))
         log_kv(&ll, "src", "%s", src);
     log_kv_vis(&ll, "reason", text, strlen(text));
     log_end(&ll);
@@ -1205,8 +1207,10 @@ smtpc_connect(struct smtpc *c)
         path[len] = '\0';
         r = conn_connect_unix(c->loop, path, smtpc_on_conn, c, &c->conn);
     } else {
-        r = conn_connect_tcp(c->loop, (const struct sockaddr *)&t->addr,
-                             c->has_src ? (const struct sockaddr *)&c->src : NULL, smtpc_on_conn, c,
+        const struct sockaddr *src = t->src_len > 0 ? (const struct sockaddr *)&t->src
+                                     : c->has_src  ? (const struct sockaddr *)&c->src
+                                                   : NULL;
+        r = conn_connect_tcp(c->loop, (const struct sockaddr *)&t->addr, src, smtpc_on_conn, c,
                              &c->conn);
     }
     if (r < 0) /* conn.h: every failure comes as CONN_EV_CONNECTED */
@@ -1215,6 +1219,13 @@ smtpc_connect(struct smtpc *c)
 }
 
 /* ---- API ---------------------------------------------------------------- */
+
+const char *
+smtpc_helo(const struct smtpc *c)
+{
+    const struct smtpc_target *t = &c->targets[c->cur < c->ntargets ? c->cur : c->ntargets - 1];
+    return t->helo[0] ? t->helo : c->opts.helo_name;
+}
 
 static uint64_t
 smtpc_ms(uint64_t v, uint64_t def)

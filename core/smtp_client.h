@@ -51,6 +51,9 @@ struct smtpc_target {
     char host[256];                 /* for logs and Remote-MTA: "mx1.example.org" */
     struct sockaddr_storage addr;   /* with the port set; AF_UNIX for LMTP sockets */
     socklen_t addr_len;
+    struct sockaddr_storage src;    /* bind to this for this target (src_len > 0), */
+    socklen_t src_len;              /* else smtpc_options.src */
+    char helo[256];                 /* EHLO name for this target; "" = options' */
 };
 
 struct smtpc_options {
@@ -152,6 +155,8 @@ const struct smtpc_reply *smtpc_failure(const struct smtpc *c);
  * socket is "host[/path]" ("localhost[/path]" for an empty host). */
 const char *smtpc_relay(const struct smtpc *c);
 const char *smtpc_remote_host(const struct smtpc *c);
+/* The EHLO name said on the connection in use (or last tried). */
+const char *smtpc_helo(const struct smtpc *c);
 /* The local address of the connection in use ("10.0.0.1"), or NULL before
  * one is connected (logged as src=); NULL for a unix-domain socket too. */
 const char *smtpc_local_ip(const struct smtpc *c);
