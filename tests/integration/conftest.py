@@ -106,3 +106,8 @@ def sink():
         yield s
     finally:
         ctl.stop()
+
+
+# Scriptable remote MXes and LMTP servers for the delivery tests: mx_servers(host,
+# port, name=..., lmtp=..., unix_path=..., dsn=...) -> started mx_fixture.Server.
+from mx_fixture import mx_servers  # noqa: E402,F401
