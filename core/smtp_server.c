@@ -15,20 +15,33 @@
  * LF is rejected with 554 5.6.0 after its real end (SMTP smuggling, see
  * README "SMTP smuggling").
  *
+ * XBIND (petrel's private extension, README "XBIND"): a client allowed to
+ * use it (relay.clients, or an authenticated session once AUTH exists)
+ * chooses the source address and EHLO name its mail is delivered from, for
+ * the session (XBIND command, kept across RSET, cleared by XBIND RESET and
+ * EHLO/HELO), for one transaction (MAIL parameter XBIND=) or for one message
+ * (X-Petrel-Bind header, always removed from the stored content). Precedence:
+ * MAIL parameter > XBIND command > header. The effective choice is checked
+ * with source_check_override() and stored in the spool envelope.
+ *
  * Ownership: the session owns its conn (closed when the session ends) and
  * its transaction. It is freed once the conn reported CONN_EV_CLOSED and no
  * spool commit is pending (refcount).
  */
 #include "smtp_server.h"
 
+#include <arpa/inet.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "buf.h"
 #include "conn.h"
 #include "log.h"
 #include "smtp_parse.h"
+#include "source.h"
 #include "spool.h"
 #include "util.h"
 
@@ -45,6 +58,13 @@ enum smtpd_state {
 
 #define ST_BIT(s) (1u << (s))
 #define ST_ANY_CMD (ST_BIT(ST_CONNECTED) | ST_BIT(ST_HELO) | ST_BIT(ST_MAIL) | ST_BIT(ST_RCPT))
+
+/* A source override (XBIND): ip normalized, "" = none; hostname never ""
+ * when ip is set (the client's, or source_hostname_for()'s default). */
+struct smtpd_bind {
+    char ip[SOURCE_IP_SIZE];
+    char hostname[SMTP_HOSTNAME_MAX + 1];
+};
 
 struct smtpd_rcpt {
     char *addr;              /* owned */
@@ -69,6 +89,8 @@ struct smtpd_txn {
     bool at_bol;                     /* DATA: at the beginning of a line */
     int bdat_return;                 /* enum smtpd_state to return to after a chunk */
     uint64_t stored_size;            /* Received header + content, as spooled */
+    struct smtpd_bind xbind_param;   /* MAIL XBIND=, this transaction only */
+    struct smtpd_bind bind;          /* effective override, as spooled (for the log) */
 };
 
 struct smtpd_session {
@@ -86,8 +108,11 @@ struct smtpd_session {
     bool skipping;                       /* discarding an over-long command line */
     bool quitting;                       /* close after the output drains */
     bool goodbye_sent;
+    bool authenticated;                  /* TODO(issue 8): set by AUTH; may use XBIND */
     char helo[SMTP_HOSTNAME_MAX + 1];
     char client[80];                       /* "[ip]:port" for logs */
+    struct smtpd_bind xbind;             /* XBIND command: every transaction until
+                                            XBIND RESET or EHLO/HELO (not RSET) */
     unsigned errors;
     unsigned counts[SMTP_XBIND + 1];     /* per verb, for the disconnect line */
     unsigned unknown_count;
@@ -470,6 +495,220 @@ smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, 
     conn_set_timeout(c, lc->command_timeout_ms);
 }
 
+/* ---- XBIND ----------------------------------------------------------- */
+
+/* Who may choose the source: relay clients and (issue 8) authenticated
+ * sessions. Decides both the EHLO keyword and every use of the extension. */
+static bool
+smtpd_xbind_allowed(const struct smtpd_session *s)
+{
+    if (s->authenticated)
+        return true;
+    return s->conn != NULL
+           && cidr_list_match(&s->srv->cfg->relay.clients, conn_peer_addr(s->conn));
+}
+
+/* Checks an override the client asked for (ip already syntax-checked by
+ * smtp_parse; hostname "" = the default for that address) and fills out.
+ * Returns NULL, or the refusal's reason (out->ip then holds the normalized
+ * address, for the reply text, and out->hostname is ""). */
+static const char *
+smtpd_xbind_resolve(const struct smtpd_session *s, const char *ip, const char *hostname,
+                    struct smtpd_bind *out)
+{
+    const struct petrel_config *cfg = s->srv->cfg;
+    memset(out, 0, sizeof(*out));
+    unsigned char bin[sizeof(struct in6_addr)];
+    int af = strchr(ip, ':') != NULL ? AF_INET6 : AF_INET;
+    /* one spelling per address, as config stores source_ips and hostnames */
+    if (inet_pton(af, ip, bin) != 1 || inet_ntop(af, bin, out->ip, sizeof(out->ip)) == NULL) {
+        if (!str_copy(out->ip, sizeof(out->ip), ip))
+            out->ip[0] = '\0';
+        return "not an IP address";
+    }
+    const char *why = source_check_override(cfg, out->ip);
+    if (why != NULL)
+        return why;
+    /* TODO(issue 6): the Lua xbind hook (conn, ip, hostname) may refuse here */
+    const char *h = hostname[0] != '\0' ? hostname : source_hostname_for(cfg, out->ip);
+    if (!str_copy(out->hostname, sizeof(out->hostname), h))
+        PANIC("XBIND hostname longer than %d bytes", SMTP_HOSTNAME_MAX); /* config checks it */
+    return NULL;
+}
+
+/* The 550 5.7.1 for a refused address: "<ip>: <reason>". */
+static void
+smtpd_xbind_refuse(struct smtpd_session *s, const char *cmd, const char *ip, const char *why)
+{
+    char text[SOURCE_IP_SIZE + 128];
+    snprintf(text, sizeof(text), "%s: %s", ip, why);
+    const struct reply r = { 550, "5.7.1", text };
+    smtpd_reject(s, cmd, &r, NULL);
+}
+
+static void
+smtpd_log_xbind(struct log_line *ll, const struct smtpd_bind *b)
+{
+    log_kv(ll, "xbind", "%s (%s)", b->ip, b->hostname);
+}
+
+/* True if the header field starting at p (n bytes, through its last CRLF)
+ * is named X-Petrel-Bind, in any case; the colon may follow white space
+ * (obs-optional, RFC 5322 4.5). *value is what follows the colon. */
+static bool
+smtpd_is_bind_field(const char *p, size_t n, struct span *value)
+{
+    static const char name[] = "X-Petrel-Bind";
+    size_t i = sizeof(name) - 1;
+    if (n < i || ascii_ncasecmp(p, name, i) != 0)
+        return false;
+    while (i < n && (p[i] == ' ' || p[i] == '\t'))
+        i++;
+    if (i == n || p[i] != ':')
+        return false;
+    *value = (struct span){ p + i + 1, n - i - 1 };
+    return true;
+}
+
+/* Unfolds a field body (RFC 5322 2.2.3: CRLF before white space goes, the
+ * white space stays; HTAB counts as a space for the XBIND grammar) and trims
+ * it into out. False if it does not fit. */
+static bool
+smtpd_unfold_value(struct span v, char *out, size_t size)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < v.len; i++) {
+        char c = v.p[i];
+        if (c == '\r' || c == '\n')
+            continue;
+        if (c == '\t')
+            c = ' ';
+        if (c == ' ' && o == 0)
+            continue;
+        if (o + 1 >= size)
+            return false;
+        out[o++] = c;
+    }
+    while (o > 0 && out[o - 1] == ' ')
+        o--;
+    out[o] = '\0';
+    return true;
+}
+
+/* Removes every X-Petrel-Bind field (continuation lines included) from the
+ * header section of content, leaving every other byte as it was. The first
+ * field's unfolded value goes into first (*has_first; *first_ok false if it
+ * did not fit). Returns the number of fields removed. content has no bare
+ * CR or LF (checked before). */
+static size_t
+smtpd_strip_bind_fields(struct buf *content, char *first, size_t first_size, bool *has_first,
+                        bool *first_ok)
+{
+    const char *p = buf_ptr(content);
+    size_t n = content->len;
+    struct buf out;
+    buf_init(&out); /* allocates nothing until a field is removed */
+    size_t removed = 0;
+    size_t copied = 0; /* bytes of p before this index are in out (once removed > 0) */
+    size_t i = 0;
+    *has_first = false;
+    *first_ok = false;
+    while (i < n) {
+        const char *eol = memchr(p + i, '\n', n - i);
+        size_t end = eol ? (size_t)(eol - p) + 1 : n;
+        if (end - i == 2 && p[i] == '\r')
+            break; /* the empty line: end of the header section */
+        /* the field goes on while lines start with white space (folding) */
+        while (end < n && (p[end] == ' ' || p[end] == '\t')) {
+            eol = memchr(p + end, '\n', n - end);
+            end = eol ? (size_t)(eol - p) + 1 : n;
+        }
+        struct span value;
+        if (smtpd_is_bind_field(p + i, end - i, &value)) {
+            if (!*has_first) {
+                *has_first = true;
+                *first_ok = smtpd_unfold_value(value, first, first_size);
+            }
+            removed++;
+            buf_append(&out, p + copied, i - copied);
+            copied = end;
+        }
+        i = end;
+    }
+    if (removed == 0)
+        return 0;
+    buf_append(&out, p + copied, n - copied);
+    buf_reset(content);
+    *content = out;
+    return removed;
+}
+
+static void
+smtpd_log_header_ignored(struct smtpd_session *s, const char *reason)
+{
+    struct log_line ll;
+    smtpd_log_begin(s, &ll, LOG_INFO, "xbind header ignored", true);
+    log_kv(&ll, "client", "%s", s->client);
+    log_kv(&ll, "reason", "%s", reason);
+    log_end(&ll);
+}
+
+/* End of message: strips X-Petrel-Bind from the content and decides the
+ * override to store (MAIL parameter > XBIND command > header) in t->bind.
+ * A header that cannot be used is logged and ignored, never a rejection. */
+static void
+smtpd_xbind_decide(struct smtpd_session *s)
+{
+    struct smtpd_txn *t = &s->txn;
+    char value[512];
+    bool has_header;
+    bool header_fits;
+    smtpd_strip_bind_fields(&t->content, value, sizeof(value), &has_header, &header_fits);
+    if (t->xbind_param.ip[0] != '\0')
+        t->bind = t->xbind_param;
+    else if (s->xbind.ip[0] != '\0')
+        t->bind = s->xbind;
+    else
+        memset(&t->bind, 0, sizeof(t->bind));
+    if (!has_header)
+        return;
+    if (!smtpd_xbind_allowed(s)) {
+        smtpd_log_header_ignored(s, R_XBIND_DENIED.text);
+        return;
+    }
+    if (t->xbind_param.ip[0] != '\0') {
+        smtpd_log_header_ignored(s, "overridden by the MAIL XBIND parameter");
+        return;
+    }
+    if (s->xbind.ip[0] != '\0') {
+        smtpd_log_header_ignored(s, "overridden by the XBIND command");
+        return;
+    }
+    if (!header_fits) {
+        smtpd_log_header_ignored(s, "value too long");
+        return;
+    }
+    bool reset;
+    char ip[SOURCE_IP_SIZE];
+    char hostname[SMTP_HOSTNAME_MAX + 1];
+    const struct reply *r = smtp_parse_xbind((struct span){ value, strlen(value) }, &reset, ip,
+                                             sizeof(ip), hostname, sizeof(hostname));
+    if (r != NULL || reset) {
+        smtpd_log_header_ignored(s, reset ? "RESET is not valid in the header"
+                                          : "bad syntax (want: ip [hostname])");
+        return;
+    }
+    struct smtpd_bind b;
+    const char *why = smtpd_xbind_resolve(s, ip, hostname, &b);
+    if (why != NULL) {
+        char reason[SOURCE_IP_SIZE + 128];
+        snprintf(reason, sizeof(reason), "%s: %s", b.ip, why);
+        smtpd_log_header_ignored(s, reason);
+        return;
+    }
+    t->bind = b;
+}
+
 /* ---- commands -------------------------------------------------------- */
 
 static void
@@ -482,6 +721,7 @@ smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
         return;
     }
     smtpd_txn_reset(s); /* RFC 5321 4.1.4: EHLO resets the transaction */
+    memset(&s->xbind, 0, sizeof(s->xbind)); /* ... and starts a new session: XBIND too */
     memcpy(s->helo, name, sizeof(s->helo));
     s->esmtp = cmd->verb == SMTP_EHLO;
     s->state = ST_HELO;
@@ -502,6 +742,8 @@ smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
     buf_append_str(&b, "250-ENHANCEDSTATUSCODES\r\n");
     buf_append_str(&b, "250-SMTPUTF8\r\n");
     buf_append_str(&b, "250-CHUNKING\r\n");
+    if (smtpd_xbind_allowed(s))
+        buf_append_str(&b, "250-XBIND\r\n");
     buf_append_str(&b, "250 DSN\r\n");
     smtpd_write_line(s, buf_ptr(&b), b.len);
     buf_reset(&b);
@@ -533,15 +775,25 @@ smtpd_cmd_mail(struct smtpd_session *s, const struct smtp_cmd *cmd)
     const struct reply *r = smtp_parse_mail(cmd->args, addr, sizeof(addr), &p);
     if (r == NULL && p.has_size && p.size > s->lc->max_message_size)
         r = &R_SIZE_EXCEEDED;
-    if (r == NULL && p.has_xbind)
-        r = &R_BAD_PARAM; /* XBIND arrives with the source-selection work */
+    if (r == NULL && p.has_xbind && !smtpd_xbind_allowed(s))
+        r = &R_XBIND_DENIED;
     if (r) {
         smtpd_reject(s, "MAIL", r, NULL);
         return;
     }
+    struct smtpd_bind param;
+    memset(&param, 0, sizeof(param));
+    if (p.has_xbind) {
+        const char *why = smtpd_xbind_resolve(s, p.xbind_ip, p.xbind_hostname, &param);
+        if (why != NULL) {
+            smtpd_xbind_refuse(s, "MAIL", param.ip, why);
+            return;
+        }
+    }
     struct smtpd_txn *t = &s->txn;
     t->sender = xstrdup(addr);
     t->params = p;
+    t->xbind_param = param;
     t->at_bol = true;
     s->state = ST_MAIL;
     smtpd_reply(s, &R_SENDER_OK);
@@ -701,6 +953,54 @@ smtpd_cmd_quit(struct smtpd_session *s, const struct smtp_cmd *cmd)
     smtpd_close(s);
 }
 
+/* XBIND <ip> [<hostname>] | XBIND RESET: after EHLO, outside a transaction. */
+static void
+smtpd_cmd_xbind(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    if (!s->esmtp) {
+        smtpd_reject(s, "XBIND", &R_BAD_SEQ_EHLO, NULL);
+        return;
+    }
+    if (smtpd_in_txn(s)) {
+        smtpd_reject(s, "XBIND", &R_BAD_SEQ_XBIND, NULL);
+        return;
+    }
+    bool reset;
+    char ip[SOURCE_IP_SIZE];
+    char hostname[SMTP_HOSTNAME_MAX + 1];
+    const struct reply *r = smtp_parse_xbind(cmd->args, &reset, ip, sizeof(ip), hostname,
+                                             sizeof(hostname));
+    if (r == NULL && !smtpd_xbind_allowed(s))
+        r = &R_XBIND_DENIED;
+    if (r != NULL) {
+        smtpd_reject(s, "XBIND", r, NULL);
+        return;
+    }
+    struct log_line ll;
+    if (reset) {
+        memset(&s->xbind, 0, sizeof(s->xbind));
+        smtpd_log_begin(s, &ll, LOG_INFO, "xbind reset", false);
+        log_kv(&ll, "client", "%s", s->client);
+        log_end(&ll);
+        smtpd_reply(s, &R_XBIND_RESET);
+        return;
+    }
+    struct smtpd_bind b;
+    const char *why = smtpd_xbind_resolve(s, ip, hostname, &b);
+    if (why != NULL) {
+        smtpd_xbind_refuse(s, "XBIND", b.ip, why); /* a previous binding stays */
+        return;
+    }
+    s->xbind = b;
+    smtpd_log_begin(s, &ll, LOG_INFO, "xbind", false);
+    log_kv(&ll, "client", "%s", s->client);
+    smtpd_log_xbind(&ll, &s->xbind);
+    log_end(&ll);
+    char text[SOURCE_IP_SIZE + SMTP_HOSTNAME_MAX + 32];
+    snprintf(text, sizeof(text), "Bound to %s as %s", b.ip, b.hostname);
+    smtpd_reply_text(s, 250, "2.0.0", text);
+}
+
 static void
 smtpd_cmd_simple(struct smtpd_session *s, const struct smtp_cmd *cmd)
 {
@@ -718,7 +1018,7 @@ smtpd_cmd_simple(struct smtpd_session *s, const struct smtp_cmd *cmd)
         smtpd_reply(s, &R_HELP);
         break;
     default:
-        /* EXPN, STARTTLS, AUTH, XBIND: not offered (yet) */
+        /* EXPN, STARTTLS, AUTH: not offered (yet) */
         smtpd_reject(s, "CMD", &R_NOT_IMPL, NULL);
         break;
     }
@@ -815,6 +1115,8 @@ smtpd_on_commit(int status, void *arg)
             log_kv(&ll, "proto", "%s",
                    s->txn.params.smtputf8 ? "UTF8ESMTP" : s->esmtp ? "ESMTP" : "SMTP");
             smtpd_log_addr(&ll, "helo", s->helo);
+            if (s->txn.bind.ip[0])
+                smtpd_log_xbind(&ll, &s->txn.bind);
             log_end(&ll);
         } else {
             log_msg(LOG_WARNING, s->txn.qid, "spool commit failed: %s", strerror(-status));
@@ -855,6 +1157,7 @@ smtpd_end_of_message(struct smtpd_session *s)
         smtpd_txn_reset(s);
         return;
     }
+    smtpd_xbind_decide(s); /* strips X-Petrel-Bind: before the content is stored */
 
     struct buf received;
     buf_init(&received);
@@ -883,6 +1186,8 @@ smtpd_end_of_message(struct smtpd_session *s)
     env.local_ip = (char *)conn_local_ip(s->conn);
     env.client_ip = (char *)conn_peer_ip(s->conn);
     env.client_helo = s->helo;
+    env.xbind_ip = t->bind.ip[0] ? t->bind.ip : NULL;
+    env.xbind_hostname = t->bind.ip[0] ? t->bind.hostname : NULL;
     env.content_size = received.len + t->content.len;
     t->stored_size = env.content_size;
 
@@ -1010,7 +1315,7 @@ static const struct smtpd_cmd_entry smtpd_cmds[] = {
     { SMTP_HELP, "HELP", smtpd_cmd_simple },
     { SMTP_STARTTLS, "STARTTLS", smtpd_cmd_simple },
     { SMTP_AUTH, "AUTH", smtpd_cmd_simple },
-    { SMTP_XBIND, "XBIND", smtpd_cmd_simple },
+    { SMTP_XBIND, "XBIND", smtpd_cmd_xbind },
 };
 
 static void

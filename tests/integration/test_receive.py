@@ -12,8 +12,10 @@ import pytest
 from petrel_fixture import LOG_PREFIX_RE, QID_RE, check_received
 from smtpwire import RawSMTP, message
 
+# as a relay client (127.0.0.1) sees it: XBIND is offered to relay clients only
 EHLO_LINES = ["250-petrel.test", "250-PIPELINING", "250-SIZE {size}", "250-8BITMIME",
-              "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250 DSN"]
+              "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250-XBIND",
+              "250 DSN"]
 
 
 def connect(p, **kw):
@@ -603,3 +605,84 @@ def test_rejected_bdat_chunk_is_consumed_not_parsed_as_commands(petrel):
         # if the chunk had been read as a command, this reply would be its 250 2.1.0
         assert_reply(c.cmd("NOOP"), "250 2.0.0 Ok", "NOOP after the rejected chunk")
         assert_reply(c.cmd("RCPT TO:<bob@local.test>"), "503 5.5.1 …", "RCPT (no MAIL open)")
+
+
+# ---------------------------------------------------------------- XBIND (README "XBIND")
+
+# every 127.0.0.x is local: a pool of two, one with a name of its own
+XBIND_DELIVERY = {"hold": True, "hostname": "out.petrel.test",
+                  "source_ips": ["127.0.0.2", "127.0.0.5"],
+                  "hostnames": {"127.0.0.5": "mta.test.com"}}
+
+
+def test_xbind_not_offered_to_a_non_relay_client(petrel):
+    p = petrel()
+    with connect(p, source="127.0.0.2") as c:
+        r = c.ehlo()
+        want = [line.format(size=52428800) for line in EHLO_LINES if line != "250-XBIND"]
+        assert r.lines == want, f"got {r.lines!r}, want {want!r}"
+        r = c.cmd("XBIND 127.0.0.5")
+        assert r.lines == ["550 5.7.1 XBIND not permitted for this client"], f"got {r!r}"
+
+
+def test_xbind_command_is_stored_and_survives_a_restart(petrel):
+    p = petrel(config={"delivery": XBIND_DELIVERY})
+    with connect(p) as c:
+        c.ehlo()
+        assert_reply(c.cmd("XBIND 127.0.0.3"),
+                     "550 5.7.1 127.0.0.3: not in the configured source pool", "XBIND 127.0.0.3")
+        assert_reply(c.cmd("XBIND 127.0.0.5"), "250 2.0.0 Bound to 127.0.0.5 as mta.test.com",
+                     "XBIND 127.0.0.5")
+        q1 = c.transaction("alice@example.org", ["bob@local.test"], message("one"))
+        c.expect("RSET", "250 2.0.0")
+        q2 = c.transaction("alice@example.org", ["bob@local.test"], message("two"))
+        assert_reply(c.cmd("XBIND RESET"), "250 2.0.0 XBIND reset", "XBIND RESET")
+        q3 = c.transaction("alice@example.org", ["bob@local.test"], message("three"))
+    p.wait_log(q1 + r": queued: .*, xbind=127\.0\.0\.5 \(mta\.test\.com\)$")
+    p.restart()
+    for qid in (q1, q2):
+        show = p.queue_show(qid)
+        assert "\nxbind: 127.0.0.5 mta.test.com\n" in show, f"{qid}: got\n{show}"
+    show = p.queue_show(q3)
+    assert "xbind:" not in show, f"{q3}: got\n{show}"
+
+
+def test_xbind_smtplib_mail_parameter_and_header(petrel):
+    p = petrel(config={"delivery": XBIND_DELIVERY})
+    header = message("hdr", headers=["X-Petrel-Bind: 127.0.0.2"])
+    with smtplib.SMTP(p.host, p.port, local_hostname="smtplib.test", timeout=10) as s:
+        s.ehlo()
+        assert s.has_extn("xbind"), f"EHLO: got {s.esmtp_features}"
+        code, text = s.docmd("XBIND", "127.0.0.5 relay.example.net")
+        assert (code, text) == (250, b"2.0.0 Bound to 127.0.0.5 as relay.example.net"), \
+            f"got {code} {text!r}"
+        s.sendmail("alice@example.org", ["bob@local.test"], message("param"),
+                   mail_options=["XBIND=127.0.0.2,param.example.net"])
+        s.sendmail("alice@example.org", ["bob@local.test"], header)
+        s.docmd("XBIND", "RESET")
+        s.sendmail("alice@example.org", ["bob@local.test"], header)
+    q = p.queue_list()
+    assert len(q) == 3, f"got {len(q)} messages, want 3\n{q.text}"
+    want = ["127.0.0.2 param.example.net",   # MAIL parameter beats the command
+            "127.0.0.5 relay.example.net",   # command beats the header
+            "127.0.0.2 out.petrel.test"]     # the header alone
+    for qid, w in zip(q.qids, want):
+        show = p.queue_show(qid)
+        assert f"\nxbind: {w}\n" in show, f"{qid}: want xbind: {w}, got\n{show}"
+    # the header never reaches the stored message; the rest is byte-identical
+    for qid in q.qids[1:]:
+        rest = check_received(p.queue_cat(qid), qid=qid, helo="smtplib.test",
+                              rcpt="bob@local.test")
+        assert rest == message("hdr"), f"{qid}: got {rest!r}"
+
+
+def test_xbind_header_from_a_non_relay_client_is_removed_and_ignored(petrel):
+    p = petrel(config={"delivery": XBIND_DELIVERY})
+    out = run_swaks(p, "--add-header", "X-Petrel-Bind: 127.0.0.5", "--body", "b",
+                    source="127.0.0.2")
+    qid = swaks_qid(out)
+    stored = p.queue_cat(qid)
+    assert b"X-Petrel-Bind" not in stored, f"got {stored!r}"
+    assert "xbind:" not in p.queue_show(qid)
+    p.wait_log(qid + r": xbind header ignored: session=\S+, client=\[127\.0\.0\.2\]:\d+, "
+               r"reason=XBIND not permitted for this client$")

@@ -103,6 +103,7 @@ t_finish(struct t_env *e)
     config_unref(e->cfg);
 }
 
+/* EHLO reply for a relay client (192.0.2.0/24): XBIND is offered */
 static const char t_ehlo_reply[] = "250-mx.petrel.test\r\n"
                                    "250-PIPELINING\r\n"
                                    "250-SIZE 2048\r\n"
@@ -110,13 +111,31 @@ static const char t_ehlo_reply[] = "250-mx.petrel.test\r\n"
                                    "250-ENHANCEDSTATUSCODES\r\n"
                                    "250-SMTPUTF8\r\n"
                                    "250-CHUNKING\r\n"
+                                   "250-XBIND\r\n"
                                    "250 DSN\r\n";
+
+/* ... and for anyone else: no XBIND */
+static const char t_ehlo_reply_foreign[] = "250-mx.petrel.test\r\n"
+                                           "250-PIPELINING\r\n"
+                                           "250-SIZE 2048\r\n"
+                                           "250-8BITMIME\r\n"
+                                           "250-ENHANCEDSTATUSCODES\r\n"
+                                           "250-SMTPUTF8\r\n"
+                                           "250-CHUNKING\r\n"
+                                           "250 DSN\r\n";
 
 static void
 t_ehlo(struct t_env *e)
 {
     fake_conn_push_str(e->c, "EHLO client.example\r\n");
     t_expect(e, t_ehlo_reply);
+}
+
+static void
+t_ehlo_foreign(struct t_env *e)
+{
+    fake_conn_push_str(e->c, "EHLO client.example\r\n");
+    t_expect(e, t_ehlo_reply_foreign);
 }
 
 static void
@@ -231,7 +250,7 @@ test_smtp_server_relay_denied_for_foreign_client(void **state)
     (void)state;
     struct t_env e;
     t_start(&e, "198.51.100.9");
-    t_ehlo(&e);
+    t_ehlo_foreign(&e);
     fake_conn_push_str(e.c, "MAIL FROM:<a@example.com>\r\n");
     t_expect(&e, "250 2.1.0 Ok\r\n");
     fake_conn_push_str(e.c, "RCPT TO:<b@example.org>\r\n");
@@ -494,6 +513,374 @@ test_smtp_server_shutdown_lets_transaction_finish(void **state)
     t_finish(&e);
 }
 
+/* ---- XBIND ----------------------------------------------------------- */
+
+/* A source pool (every 127.0.0.x is local, as config requires): 127.0.0.5
+ * has a name of its own, 127.0.0.2 gets delivery.hostname. */
+static const char t_pool_yaml[] = "delivery:\n"
+                                  "  hostname: out.petrel.test\n"
+                                  "  source_ips: [127.0.0.2, 127.0.0.5]\n"
+                                  "  hostnames: { 127.0.0.5: mta.test.com }\n";
+
+/* Starts a session on the base config plus extra YAML (may be "") and
+ * greets with EHLO; the EHLO reply is checked by the caller's choice. */
+static void
+t_start_xbind(struct t_env *e, const char *extra, const char *peer_ip)
+{
+    char yaml[2048];
+    int n = snprintf(yaml, sizeof(yaml), "%s%s", t_base_config, extra);
+    assert_true(n > 0 && (size_t)n < sizeof(yaml));
+    t_start_with(e, yaml, peer_ip);
+    t_expect(e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e->c, "EHLO client.example\r\n");
+    t_expect_prefix(e, "250-mx.petrel.test\r\n");
+}
+
+/* Sends one whole transaction with content (ending in CRLF), commits it and
+ * returns what the spool recorded. mail_params may be "". */
+static const struct fake_spool_msg *
+t_send(struct t_env *e, const char *mail_params, const char *content)
+{
+    size_t before = fake_spool_count(e->sp);
+    char cmds[512];
+    snprintf(cmds, sizeof(cmds), "MAIL FROM:<a@example.com>%s\r\nRCPT TO:<b@example.org>\r\n"
+                                 "DATA\r\n", mail_params);
+    fake_conn_push_str(e->c, cmds);
+    t_expect(e, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n");
+    fake_conn_push_str(e->c, content);
+    fake_conn_push_str(e->c, ".\r\n");
+    t_expect(e, "");
+    if (fake_spool_count(e->sp) != before + 1)
+        fail_msg("spooled messages: got %zu, want %zu", fake_spool_count(e->sp), before + 1);
+    assert_int_equal(fake_spool_complete(e->sp, 0), 1);
+    t_expect_prefix(e, "250 2.0.0 Ok: queued as ");
+    return fake_spool_msg(e->sp, before);
+}
+
+/* The stored content after petrel's own Received header field. */
+static const char *
+t_after_received(const struct fake_spool_msg *m)
+{
+    const char *p = m->content;
+    assert_memory_equal(p, "Received:", 9);
+    for (;;) {
+        const char *eol = strstr(p, "\r\n");
+        assert_non_null(eol);
+        p = eol + 2;
+        if (*p != ' ' && *p != '\t')
+            return p;
+    }
+}
+
+static void
+t_want_bind(const struct fake_spool_msg *m, const char *ip, const char *hostname)
+{
+    const char *got_ip = m->xbind_ip ? m->xbind_ip : "(none)";
+    const char *got_host = m->xbind_hostname ? m->xbind_hostname : "(none)";
+    if (strcmp(got_ip, ip ? ip : "(none)") != 0
+        || strcmp(got_host, hostname ? hostname : "(none)") != 0)
+        fail_msg("stored override: got %s as %s, want %s as %s", got_ip, got_host,
+                 ip ? ip : "(none)", hostname ? hostname : "(none)");
+}
+
+static void
+test_smtp_server_xbind_advertised_only_to_allowed_clients(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start(&e, "192.0.2.7");
+    t_ehlo(&e); /* relay client: 250-XBIND */
+    t_finish(&e);
+    t_start(&e, "198.51.100.9");
+    t_ehlo_foreign(&e);
+    t_finish(&e);
+}
+
+struct t_xbind_case {
+    const char *label;
+    const char *extra_yaml;
+    const char *peer;
+    const char *before;      /* commands sent first (replies not checked) */
+    const char *cmd;
+    const char *want;
+};
+
+static const struct t_xbind_case t_xbind_cases[] = {
+    { "ip from the pool with its hostnames entry", t_pool_yaml, "192.0.2.7", "",
+      "XBIND 127.0.0.5\r\n", "250 2.0.0 Bound to 127.0.0.5 as mta.test.com\r\n" },
+    { "ip from the pool, delivery.hostname", t_pool_yaml, "192.0.2.7", "",
+      "XBIND 127.0.0.2\r\n", "250 2.0.0 Bound to 127.0.0.2 as out.petrel.test\r\n" },
+    { "explicit hostname wins", t_pool_yaml, "192.0.2.7", "",
+      "xbind 127.0.0.5 relay.example.net\r\n",
+      "250 2.0.0 Bound to 127.0.0.5 as relay.example.net\r\n" },
+    { "no pool: any local address, top-level hostname", "", "192.0.2.7", "",
+      "XBIND 127.0.0.9\r\n", "250 2.0.0 Bound to 127.0.0.9 as mx.petrel.test\r\n" },
+    { "reset", t_pool_yaml, "192.0.2.7", "", "XBIND RESET\r\n", "250 2.0.0 XBIND reset\r\n" },
+    { "reset, any case", t_pool_yaml, "192.0.2.7", "XBIND 127.0.0.5\r\n", "XBIND reset\r\n",
+      "250 2.0.0 XBIND reset\r\n" },
+    { "not in the pool", t_pool_yaml, "192.0.2.7", "", "XBIND 127.0.0.3\r\n",
+      "550 5.7.1 127.0.0.3: not in the configured source pool\r\n" },
+    { "ipv6 normalized in the reply", t_pool_yaml, "192.0.2.7", "",
+      "XBIND 2001:DB8:0::0001\r\n", "550 5.7.1 2001:db8::1: not in the configured source pool\r\n" },
+    { "no pool: not a local address", "", "192.0.2.7", "", "XBIND 192.0.2.254\r\n",
+      "550 5.7.1 192.0.2.254: not a local address\r\n" },
+    { "client not allowed", t_pool_yaml, "198.51.100.9", "", "XBIND 127.0.0.5\r\n",
+      "550 5.7.1 XBIND not permitted for this client\r\n" },
+    { "reset from a client not allowed", t_pool_yaml, "198.51.100.9", "", "XBIND RESET\r\n",
+      "550 5.7.1 XBIND not permitted for this client\r\n" },
+    { "no argument", t_pool_yaml, "192.0.2.7", "", "XBIND\r\n",
+      "501 5.5.4 Syntax: XBIND ip [hostname] or XBIND RESET\r\n" },
+    { "bad ip", t_pool_yaml, "192.0.2.7", "", "XBIND 127.0.0.256\r\n",
+      "501 5.5.4 Syntax: XBIND ip [hostname] or XBIND RESET\r\n" },
+    { "hostname, not an address", t_pool_yaml, "192.0.2.7", "", "XBIND mta.test.com\r\n",
+      "501 5.5.4 Syntax: XBIND ip [hostname] or XBIND RESET\r\n" },
+    { "bad hostname", t_pool_yaml, "192.0.2.7", "", "XBIND 127.0.0.5 bad!host\r\n",
+      "501 5.5.4 Syntax: XBIND ip [hostname] or XBIND RESET\r\n" },
+    { "extra argument", t_pool_yaml, "192.0.2.7", "", "XBIND 127.0.0.5 a.test b.test\r\n",
+      "501 5.5.4 Syntax: XBIND ip [hostname] or XBIND RESET\r\n" },
+    { "reset with an argument", t_pool_yaml, "192.0.2.7", "", "XBIND RESET now\r\n",
+      "501 5.5.4 Syntax: XBIND ip [hostname] or XBIND RESET\r\n" },
+    { "after HELO", t_pool_yaml, "192.0.2.7", "HELO client.example\r\n", "XBIND 127.0.0.5\r\n",
+      "503 5.5.1 Error: send EHLO first\r\n" },
+    { "inside a transaction", t_pool_yaml, "192.0.2.7", "MAIL FROM:<a@example.com>\r\n",
+      "XBIND 127.0.0.5\r\n",
+      "503 5.5.1 Error: XBIND is not allowed inside a mail transaction\r\n" },
+    { "inside a transaction with recipients", t_pool_yaml, "192.0.2.7",
+      "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n", "XBIND RESET\r\n",
+      "503 5.5.1 Error: XBIND is not allowed inside a mail transaction\r\n" },
+    { "after RSET of a transaction", t_pool_yaml, "192.0.2.7",
+      "MAIL FROM:<a@example.com>\r\nRSET\r\n", "XBIND 127.0.0.5\r\n",
+      "250 2.0.0 Bound to 127.0.0.5 as mta.test.com\r\n" },
+};
+
+static void
+test_smtp_server_xbind_command_replies(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(t_xbind_cases) / sizeof(t_xbind_cases[0]); i++) {
+        const struct t_xbind_case *tc = &t_xbind_cases[i];
+        struct t_env e;
+        t_start_xbind(&e, tc->extra_yaml, tc->peer);
+        fake_conn_push_str(e.c, tc->before);
+        free(fake_conn_take_output(e.c));
+        fake_conn_push_str(e.c, tc->cmd);
+        char *got = fake_conn_take_output(e.c);
+        if (strcmp(got, tc->want) != 0)
+            fail_msg("%s: got \"%s\", want \"%s\"", tc->label, got, tc->want);
+        free(got);
+        t_finish(&e);
+    }
+}
+
+static void
+test_smtp_server_xbind_before_ehlo_is_503(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start(&e, "192.0.2.7");
+    fake_conn_push_str(e.c, "XBIND 127.0.0.5\r\n");
+    t_expect(&e, "503 5.5.1 Error: send EHLO first\r\n");
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_xbind_command_is_stored_and_lasts_the_session(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_xbind(&e, t_pool_yaml, "192.0.2.7");
+    fake_conn_push_str(e.c, "XBIND 127.0.0.5\r\n");
+    t_expect(&e, "250 2.0.0 Bound to 127.0.0.5 as mta.test.com\r\n");
+    t_want_bind(t_send(&e, "", "Subject: one\r\n\r\nx\r\n"), "127.0.0.5", "mta.test.com");
+    /* RSET ends a transaction, not the binding */
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com>\r\nRSET\r\n");
+    t_expect(&e, "250 2.1.0 Ok\r\n250 2.0.0 Ok\r\n");
+    t_want_bind(t_send(&e, "", "Subject: two\r\n\r\nx\r\n"), "127.0.0.5", "mta.test.com");
+    /* a refused XBIND leaves the binding as it was */
+    fake_conn_push_str(e.c, "XBIND 127.0.0.3\r\n");
+    t_expect(&e, "550 5.7.1 127.0.0.3: not in the configured source pool\r\n");
+    t_want_bind(t_send(&e, "", "Subject: three\r\n\r\nx\r\n"), "127.0.0.5", "mta.test.com");
+    /* XBIND RESET clears it */
+    fake_conn_push_str(e.c, "XBIND RESET\r\n");
+    t_expect(&e, "250 2.0.0 XBIND reset\r\n");
+    t_want_bind(t_send(&e, "", "Subject: four\r\n\r\nx\r\n"), NULL, NULL);
+    /* so does a new EHLO (a new session in RFC 5321 terms) */
+    fake_conn_push_str(e.c, "XBIND 127.0.0.2 relay.example.net\r\n");
+    t_expect(&e, "250 2.0.0 Bound to 127.0.0.2 as relay.example.net\r\n");
+    t_want_bind(t_send(&e, "", "Subject: five\r\n\r\nx\r\n"), "127.0.0.2", "relay.example.net");
+    t_ehlo(&e);
+    t_want_bind(t_send(&e, "", "Subject: six\r\n\r\nx\r\n"), NULL, NULL);
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_xbind_mail_parameter_is_for_one_transaction(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_xbind(&e, t_pool_yaml, "192.0.2.7");
+    t_want_bind(t_send(&e, " XBIND=127.0.0.5", "Subject: one\r\n\r\nx\r\n"), "127.0.0.5",
+                "mta.test.com");
+    t_want_bind(t_send(&e, "", "Subject: two\r\n\r\nx\r\n"), NULL, NULL);
+    t_want_bind(t_send(&e, " BODY=8BITMIME XBIND=127.0.0.2,relay.example.net",
+                       "Subject: three\r\n\r\nx\r\n"),
+                "127.0.0.2", "relay.example.net");
+    /* RSET drops a parameter with its transaction */
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com> XBIND=127.0.0.5\r\nRSET\r\n");
+    t_expect(&e, "250 2.1.0 Ok\r\n250 2.0.0 Ok\r\n");
+    t_want_bind(t_send(&e, "", "Subject: four\r\n\r\nx\r\n"), NULL, NULL);
+    /* refused at MAIL: nothing is started */
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com> XBIND=127.0.0.3\r\n");
+    t_expect(&e, "550 5.7.1 127.0.0.3: not in the configured source pool\r\n");
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com> XBIND=127.0.0.3,\r\n");
+    t_expect(&e, "555 5.5.4 Bad XBIND parameter\r\n");
+    fake_conn_push_str(e.c, "RCPT TO:<b@example.org>\r\n");
+    t_expect(&e, "503 5.5.1 Error: need MAIL command\r\n");
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_xbind_mail_parameter_refused_for_foreign_client(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_xbind(&e, t_pool_yaml, "198.51.100.9");
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com> XBIND=127.0.0.5\r\n");
+    t_expect(&e, "550 5.7.1 XBIND not permitted for this client\r\n");
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com>\r\n");
+    t_expect(&e, "250 2.1.0 Ok\r\n");
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_xbind_precedence_parameter_command_header(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_xbind(&e, t_pool_yaml, "192.0.2.7");
+    const char *with_header = "X-Petrel-Bind: 127.0.0.2 header.example.net\r\n"
+                              "Subject: p\r\n\r\nx\r\n";
+    /* header alone */
+    const struct fake_spool_msg *m = t_send(&e, "", with_header);
+    t_want_bind(m, "127.0.0.2", "header.example.net");
+    assert_string_equal(t_after_received(m), "Subject: p\r\n\r\nx\r\n");
+    /* command beats header */
+    fake_conn_push_str(e.c, "XBIND 127.0.0.5 command.example.net\r\n");
+    t_expect_prefix(&e, "250 2.0.0 Bound to 127.0.0.5 as command.example.net\r\n");
+    m = t_send(&e, "", with_header);
+    t_want_bind(m, "127.0.0.5", "command.example.net");
+    assert_string_equal(t_after_received(m), "Subject: p\r\n\r\nx\r\n");
+    /* parameter beats command and header */
+    m = t_send(&e, " XBIND=127.0.0.2,param.example.net", with_header);
+    t_want_bind(m, "127.0.0.2", "param.example.net");
+    assert_string_equal(t_after_received(m), "Subject: p\r\n\r\nx\r\n");
+    /* and the command is still there for the next transaction */
+    t_want_bind(t_send(&e, "", "Subject: q\r\n\r\nx\r\n"), "127.0.0.5", "command.example.net");
+    t_finish(&e);
+}
+
+struct t_header_case {
+    const char *label;
+    const char *content;     /* as sent (no dot-stuffing needed) */
+    const char *want_stored; /* after the Received header */
+    const char *want_ip;     /* NULL: no override */
+    const char *want_hostname;
+};
+
+static const struct t_header_case t_header_cases[] = {
+    { "applied, default hostname", "From: a@example.com\r\nX-Petrel-Bind: 127.0.0.5\r\n\r\nbody\r\n",
+      "From: a@example.com\r\n\r\nbody\r\n", "127.0.0.5", "mta.test.com" },
+    { "any case, space before the colon",
+      "x-petrel-BIND : 127.0.0.2  relay.example.net \r\nSubject: s\r\n\r\nbody\r\n",
+      "Subject: s\r\n\r\nbody\r\n", "127.0.0.2", "relay.example.net" },
+    { "folded value", "Subject: s\r\nX-Petrel-Bind:\r\n 127.0.0.5\r\n\tfolded.example.net\r\n"
+      "To: b@example.org\r\n\r\nbody\r\n",
+      "Subject: s\r\nTo: b@example.org\r\n\r\nbody\r\n", "127.0.0.5", "folded.example.net" },
+    { "every occurrence removed, the first applies",
+      "X-Petrel-Bind: 127.0.0.2\r\nSubject: s\r\nX-Petrel-Bind: 127.0.0.5\r\n\r\nbody\r\n",
+      "Subject: s\r\n\r\nbody\r\n", "127.0.0.2", "out.petrel.test" },
+    { "in the body it stays", "Subject: s\r\n\r\nX-Petrel-Bind: 127.0.0.5\r\n",
+      "Subject: s\r\n\r\nX-Petrel-Bind: 127.0.0.5\r\n", NULL, NULL },
+    { "other names stay", "X-Petrel-Binding: 127.0.0.5\r\nX-Petrel-Bind-X: 1\r\n\r\nb\r\n",
+      "X-Petrel-Binding: 127.0.0.5\r\nX-Petrel-Bind-X: 1\r\n\r\nb\r\n", NULL, NULL },
+    { "headers only, no body", "Subject: s\r\nX-Petrel-Bind: 127.0.0.5\r\n", "Subject: s\r\n",
+      "127.0.0.5", "mta.test.com" },
+    { "bad value ignored, still removed", "X-Petrel-Bind: mta.test.com\r\nSubject: s\r\n\r\nb\r\n",
+      "Subject: s\r\n\r\nb\r\n", NULL, NULL },
+    { "empty value ignored", "X-Petrel-Bind:\r\nSubject: s\r\n\r\nb\r\n",
+      "Subject: s\r\n\r\nb\r\n", NULL, NULL },
+    { "RESET in a header ignored", "X-Petrel-Bind: RESET\r\nSubject: s\r\n\r\nb\r\n",
+      "Subject: s\r\n\r\nb\r\n", NULL, NULL },
+    { "not in the pool ignored", "X-Petrel-Bind: 127.0.0.3\r\nSubject: s\r\n\r\nb\r\n",
+      "Subject: s\r\n\r\nb\r\n", NULL, NULL },
+    { "bad first one: the later one is not used",
+      "X-Petrel-Bind: 127.0.0.3\r\nX-Petrel-Bind: 127.0.0.5\r\n\r\nb\r\n", "\r\nb\r\n", NULL,
+      NULL },
+};
+
+static void
+test_smtp_server_xbind_header_is_removed_and_applied(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(t_header_cases) / sizeof(t_header_cases[0]); i++) {
+        const struct t_header_case *tc = &t_header_cases[i];
+        struct t_env e;
+        t_start_xbind(&e, t_pool_yaml, "192.0.2.7");
+        const struct fake_spool_msg *m = t_send(&e, "", tc->content);
+        const char *got = t_after_received(m);
+        if (strcmp(got, tc->want_stored) != 0)
+            fail_msg("%s: stored content: got \"%s\", want \"%s\"", tc->label, got,
+                     tc->want_stored);
+        if (m->content_len != (size_t)(got - m->content) + strlen(tc->want_stored))
+            fail_msg("%s: content_len: got %zu", tc->label, m->content_len);
+        const char *got_ip = m->xbind_ip ? m->xbind_ip : "(none)";
+        const char *want_ip = tc->want_ip ? tc->want_ip : "(none)";
+        const char *got_host = m->xbind_hostname ? m->xbind_hostname : "(none)";
+        const char *want_host = tc->want_hostname ? tc->want_hostname : "(none)";
+        if (strcmp(got_ip, want_ip) != 0 || strcmp(got_host, want_host) != 0)
+            fail_msg("%s: override: got %s as %s, want %s as %s", tc->label, got_ip, got_host,
+                     want_ip, want_host);
+        t_finish(&e);
+    }
+}
+
+static void
+test_smtp_server_xbind_header_from_foreign_client_is_removed_and_ignored(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_xbind(&e, t_pool_yaml, "198.51.100.9");
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n"
+                            "X-Petrel-Bind: 127.0.0.5\r\nSubject: s\r\n\r\nb\r\n.\r\n");
+    t_expect(&e, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n");
+    assert_int_equal(fake_spool_complete(e.sp, 0), 1);
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+    const struct fake_spool_msg *m = fake_spool_msg(e.sp, 0);
+    assert_string_equal(t_after_received(m), "Subject: s\r\n\r\nb\r\n");
+    t_want_bind(m, NULL, NULL);
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_xbind_header_with_bdat(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_xbind(&e, t_pool_yaml, "192.0.2.7");
+    /* the field is split across two chunks */
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                            "BDAT 20\r\nSubject: s\r\nX-Petrel");
+    t_expect(&e, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: 20 octets received\r\n");
+    fake_conn_push_str(e.c, "BDAT 23 LAST\r\n-Bind: 127.0.0.5\r\n\r\nb\r\n");
+    t_expect(&e, "");
+    assert_int_equal(fake_spool_complete(e.sp, 0), 1);
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+    const struct fake_spool_msg *m = fake_spool_msg(e.sp, 0);
+    assert_string_equal(t_after_received(m), "Subject: s\r\n\r\nb\r\n");
+    t_want_bind(m, "127.0.0.5", "mta.test.com");
+    t_finish(&e);
+}
+
 int
 main(void)
 {
@@ -516,6 +903,16 @@ main(void)
         cmocka_unit_test(test_smtp_server_spool_failure_451_and_session_continues),
         cmocka_unit_test(test_smtp_server_disconnect_during_commit_frees_after_callback),
         cmocka_unit_test(test_smtp_server_shutdown_lets_transaction_finish),
+        cmocka_unit_test(test_smtp_server_xbind_advertised_only_to_allowed_clients),
+        cmocka_unit_test(test_smtp_server_xbind_command_replies),
+        cmocka_unit_test(test_smtp_server_xbind_before_ehlo_is_503),
+        cmocka_unit_test(test_smtp_server_xbind_command_is_stored_and_lasts_the_session),
+        cmocka_unit_test(test_smtp_server_xbind_mail_parameter_is_for_one_transaction),
+        cmocka_unit_test(test_smtp_server_xbind_mail_parameter_refused_for_foreign_client),
+        cmocka_unit_test(test_smtp_server_xbind_precedence_parameter_command_header),
+        cmocka_unit_test(test_smtp_server_xbind_header_is_removed_and_applied),
+        cmocka_unit_test(test_smtp_server_xbind_header_from_foreign_client_is_removed_and_ignored),
+        cmocka_unit_test(test_smtp_server_xbind_header_with_bdat),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -38,6 +38,8 @@ fake_spool_free(struct spool *sp)
         free(m->content);
         free(m->envid);
         free(m->orcpt0);
+        free(m->xbind_ip);
+        free(m->xbind_hostname);
     }
     free(sp);
 }
@@ -80,6 +82,8 @@ spool_submit(struct spool *sp, const struct spool_envelope *env, const struct sp
     m->smtputf8 = env->smtputf8;
     m->ret = env->ret;
     m->envid = env->envid ? xstrdup(env->envid) : NULL;
+    m->xbind_ip = env->xbind_ip ? xstrdup(env->xbind_ip) : NULL;
+    m->xbind_hostname = env->xbind_hostname ? xstrdup(env->xbind_hostname) : NULL;
     sp->pending[sp->npending++] = (struct fake_pending){ cb, arg };
 }
 

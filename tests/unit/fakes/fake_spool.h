@@ -20,6 +20,8 @@ struct fake_spool_msg {
     char *envid;         /* owned or NULL */
     unsigned notify0;    /* notify flags of the first recipient */
     char *orcpt0;        /* owned or NULL */
+    char *xbind_ip;      /* owned or NULL */
+    char *xbind_hostname; /* owned or NULL */
 };
 
 struct spool *fake_spool_new(void);
