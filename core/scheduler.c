@@ -46,7 +46,8 @@ struct sched_job {
     struct sched_job *next;
     char qid[SPOOL_QID_SIZE];
     size_t n;
-    size_t idx[SCHED_RCPTS_PER_TXN];  /* recipient indexes in the envelope */
+    size_t cap;                       /* ≤ SCHED_RCPTS_PER_TXN */
+    size_t idx[];                     /* recipient indexes in the envelope */
 };
 
 struct sched_sess;
@@ -404,8 +405,13 @@ sched_consider(struct sched *s, const char *qid)
         size_t k = 0;
         while (k < nopen && dests[k] != d)
             k++;
-        if (k == nopen || jobs[k]->n == SCHED_RCPTS_PER_TXN) {
-            struct sched_job *j = xcalloc(1, sizeof(*j));
+        if (k == nopen || jobs[k]->n == jobs[k]->cap) {
+            /* sized for the recipients left, not for a full transaction: a
+             * backlog of one-recipient messages stays small in memory */
+            size_t left = env->nrcpts - i;
+            size_t cap = left < SCHED_RCPTS_PER_TXN ? left : SCHED_RCPTS_PER_TXN;
+            struct sched_job *j = xcalloc(1, sizeof(*j) + cap * sizeof(j->idx[0]));
+            j->cap = cap;
             memcpy(j->qid, qid, sizeof(j->qid));
             sched_job_append(d, j);
             if (k == nopen)
