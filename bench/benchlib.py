@@ -13,16 +13,29 @@
   benchlib.py pss-sample PID OUT INTERVAL MAXSECS
                                  until SIGTERM (or MAXSECS), sample the summed PSS of
                                  PID and its descendants every INTERVAL seconds; write
-                                 "peak_kib nprocs_at_peak samples" to OUT
+                                 "peak_kib nprocs_at_peak samples" to OUT; on SIGUSR1
+                                 also write the peak so far to OUT.mark
   benchlib.py tarpit PORT MAXSECS
                                  listen on 127.0.0.1:PORT, accept connections and
                                  never answer (parks a relay's outbound deliveries)
+  benchlib.py sinkcount FILE     "MESSAGES SESSIONS" received so far by `smtp-sink -c`
+                                 whose stdout is FILE (its last complete record; 0 0 if none)
+  benchlib.py relay-watch SINKOUT TARGET MAXSECS KIND PID SINKPID OUT
+                                 write "ready" to OUT.ready, then poll SINKOUT every 10 ms
+                                 until the sink's message count reaches TARGET; at that
+                                 moment write to OUT "time cpu busy sink_cpu self_cpu count"
+                                 (time: epoch seconds; cpu: CPU seconds of PID, KIND cpu,
+                                 or of PID's process tree, KIND treecpu; busy: sysbusy;
+                                 sink_cpu: CPU seconds of SINKPID; self_cpu: the watcher's
+                                 own CPU since "ready"). Exit 1 (OUT: "timeout COUNT")
+                                 after MAXSECS or on SIGTERM
   benchlib.py report TSV JSON    print the result tables, write JSON; exit 1 if any
                                  run failed
 """
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -30,6 +43,7 @@ import sys
 import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SINK_RE = re.compile(rb"sess=([0-9]+) quit=[0-9]+ mesg=([0-9]+)$")
 
 
 def read_stat(pid):
@@ -66,19 +80,19 @@ def descendants(root, stats):
     return seen
 
 
-def cmd_cpu(pid):
+def proc_cpu(pid):
+    """utime+stime of PID in seconds, or None if it is gone."""
     st = read_stat(pid)
-    if st is None:
-        sys.exit(f"benchlib: no process {pid}")
-    print(f"{(st[1] + st[2]) / CLK_TCK:.3f}")
+    return None if st is None else (st[1] + st[2]) / CLK_TCK
 
 
-def cmd_treecpu(root):
+def tree_cpu(root):
+    """(seconds, nprocs) for root and its descendants (see treecpu), or None."""
     # Read the root first: a child reaped after this point is still seen live
     # below (or missed only if it exits in between, a window of microseconds).
     st = read_stat(root)
     if st is None:
-        sys.exit(f"benchlib: no process {root}")
+        return None
     ticks = st[1] + st[2] + st[3] + st[4]
     stats = all_stats()
     nproc = 1
@@ -86,17 +100,92 @@ def cmd_treecpu(root):
         s = stats[pid]
         ticks += s[1] + s[2] + s[3] + s[4]
         nproc += 1
-    print(f"{ticks / CLK_TCK:.3f} {nproc}")
+    return ticks / CLK_TCK, nproc
 
 
-def cmd_sysbusy():
+def sys_busy():
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith("cpu "):
                 v = [int(x) for x in line.split()[1:]]
-                print(f"{(v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK:.3f}")
-                return
+                return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
     sys.exit("benchlib: no cpu line in /proc/stat")
+
+
+def cmd_cpu(pid):
+    v = proc_cpu(pid)
+    if v is None:
+        sys.exit(f"benchlib: no process {pid}")
+    print(f"{v:.3f}")
+
+
+def cmd_treecpu(root):
+    v = tree_cpu(root)
+    if v is None:
+        sys.exit(f"benchlib: no process {root}")
+    print(f"{v[0]:.3f} {v[1]}")
+
+
+def cmd_sysbusy():
+    print(f"{sys_busy():.3f}")
+
+
+def sink_counts(path):
+    """(messages, sessions) counted by `smtp-sink -c` (stdout in path). Its
+    records are "sess=S quit=Q mesg=M" each followed by CR; only a record
+    whose CR has been written counts, so a record being written is never
+    misread."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 512))
+            tail = f.read()
+    except OSError:
+        return 0, 0
+    for rec in reversed(tail.split(b"\r")[:-1]):
+        m = SINK_RE.search(rec)
+        if m:
+            return int(m.group(2)), int(m.group(1))
+    return 0, 0
+
+
+def sink_count(path):
+    return sink_counts(path)[0]
+
+
+def cmd_sinkcount(path):
+    print("%d %d" % sink_counts(path))
+
+
+def cmd_relay_watch(sinkout, target, maxsecs, kind, pid, sinkpid, out):
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    self0 = sum(os.times()[:2])
+    with open(out + ".ready", "w") as f:
+        f.write("ready\n")
+    deadline = time.monotonic() + maxsecs
+    n = sink_count(sinkout)
+    while n < target:
+        if stop or time.monotonic() >= deadline:
+            with open(out, "w") as f:
+                f.write(f"timeout {n}\n")
+            return 1
+        time.sleep(0.01)
+        n = sink_count(sinkout)
+    t = time.time()
+    if kind == "treecpu":
+        v = tree_cpu(pid)
+        cpu = None if v is None else v[0]
+    else:
+        cpu = proc_cpu(pid)
+    busy = sys_busy()
+    scpu = proc_cpu(sinkpid)
+    self_cpu = sum(os.times()[:2]) - self0
+    with open(out, "w") as f:
+        f.write(f"{t:.6f} {'-' if cpu is None else f'{cpu:.3f}'} {busy:.3f} "
+                f"{'-' if scpu is None else f'{scpu:.3f}'} {self_cpu:.3f} {n}\n")
+    return 0
 
 
 def cmd_tree(root):
@@ -129,8 +218,9 @@ def pss_kib(pid):
 
 
 def cmd_pss_sample(root, out, interval, maxsecs):
-    stop = []
+    stop, mark = [], []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGUSR1, lambda *_: mark.append(1))
     peak, peak_n, samples = 0, 0, 0
     deadline = time.monotonic() + maxsecs
     while not stop and time.monotonic() < deadline:
@@ -141,8 +231,13 @@ def cmd_pss_sample(root, out, interval, maxsecs):
             peak, peak_n = total, len(pids)
         # sleep in small steps so SIGTERM ends the sampler promptly
         end = time.monotonic() + interval
-        while not stop and time.monotonic() < end:
+        while not stop and not mark and time.monotonic() < end:
             time.sleep(0.05)
+        if mark:
+            # the peak up to now (the last sample is at most INTERVAL old)
+            mark.clear()
+            with open(out + ".mark", "w") as f:
+                f.write(f"{peak} {peak_n} {samples}\n")
     with open(out, "w") as f:
         f.write(f"{peak} {peak_n} {samples}\n")
 
@@ -172,6 +267,7 @@ def cmd_tarpit(port, maxsecs):
 
 # ---------------------------------------------------------------- report
 
+# Receive path (scenario A: petrel with deliveries parked; B: Postfix)
 METRICS = [
     ("msgs_per_s", "msgs/s accepted", "{:.0f}"),
     ("cpu_per_1k", "CPU-s / 1,000 msgs", "{:.3f}"),
@@ -181,12 +277,25 @@ POSTFIX_EXTRA = [("cpu_per_1k_drain", "CPU-s / 1,000 incl. relay drain", "{:.3f}
                  ("drain_s", "extra s until queue empty", "{:.1f}")]
 # the machine may be shared: CPU used by anything else during the run
 OTHERS = [("others_pct", "other CPU use during run, %", "{:.0f}")]
+# End-to-end relay (smtp-source -> server -> smtp-sink)
+RELAY_METRICS = [
+    ("msgs_per_s", "msgs/s accepted", "{:.0f}"),
+    ("relay_msgs_per_s", "msgs/s relayed", "{:.0f}"),
+    ("relay_s", "s until the sink has all", "{:.2f}"),
+    ("relay_cpu_per_1k", "CPU-s / 1,000 msgs (relayed)", "{:.3f}"),
+    ("cpu_per_1k", "CPU-s / 1,000 while accepting", "{:.3f}"),
+    ("relay_mem_mib", "peak memory MiB", "{:.1f}"),
+    ("relay_others_pct", "other CPU use during relay, %", "{:.0f}"),
+    ("sink_sessions", "connections to the sink", "{:.0f}"),
+]
 MEM_NOTE = {
     "petrel": "peak memory = VmHWM of the petrel process",
     "postfix": "peak memory = peak of the summed PSS of all Postfix processes (sampled 0.5 s)",
 }
 TARGET_MSGS = 3000.0
 TARGET_CPU = 0.3
+TARGET_RELAY_RATIO = 3.0   # petrel relays >= 3x Postfix's rate
+TARGET_CPU_RATIO = 5.0     # petrel uses <= 1/5 of Postfix's CPU per message
 
 
 def load_tsv(path):
@@ -198,7 +307,7 @@ def load_tsv(path):
                 continue
             rec = dict(zip(header, line.rstrip("\n").split("\t")))
             for k, v in rec.items():
-                if k not in ("scenario", "status"):
+                if k not in ("scenario", "server", "status"):
                     try:
                         rec[k] = float(v) if v not in ("", "-") else None
                     except ValueError:
@@ -211,68 +320,75 @@ def fmt(v, f):
     return "-" if v is None else f.format(v)
 
 
-def cmd_report(tsv, out_json):
-    rows = load_tsv(tsv)
-    params = {k: os.environ.get(k) for k in
-              ("BENCH_RUNS", "BENCH_MESSAGES", "BENCH_SESSIONS", "BENCH_SIZE")}
-    result = {
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
-                    "clk_tck": CLK_TCK},
-        "params": params,
-        "scenarios": {},
-        "ratios": {},
-        "targets": {"msgs_per_s_min": TARGET_MSGS, "cpu_per_1k_max": TARGET_CPU},
-    }
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def in_scenario(row, scen):
+    return scen in row["scenario"].split("+")
+
+
+def workload_key(r):
+    return (int(r["messages"]), int(r["size"]), int(r["sessions"]))
+
+
+def print_block(runs, metrics):
+    """Prints one server's runs and medians; returns (medians, ok_runs, failed)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    cols = [f"run {int(r['run'])}" for r in runs] + ["median"]
+    print("  " + f"{'':34}" + "".join(f"{c:>12}" for c in cols))
+    med = {}
+    for key, label, f in metrics:
+        vals = [r.get(key) for r in runs]
+        good = [r.get(key) for r in ok if r.get(key) is not None]
+        med[key] = statistics.median(good) if good else None
+        cells = [fmt(v, f) if r["status"] == "ok" else "ERROR" for v, r in zip(vals, runs)]
+        print("  " + f"{label:34}" + "".join(f"{c:>12}" for c in cells)
+              + f"{fmt(med[key], f):>12}")
+    failed = False
+    for r in runs:
+        if r["status"] != "ok":
+            failed = True
+            print(f"  run {int(r['run'])}: ERROR: {r['status']}")
+    return med, len(ok), failed
+
+
+def strip_run(r):
+    return {k: v for k, v in r.items() if k not in ("scenario", "server")}
+
+
+def report_receive(rows, out):
+    """Scenario A (petrel receive path) and B (Postfix); returns failed."""
     failed = False
     medians = {}
-    for scen in ("petrel", "postfix"):
-        srows = [r for r in rows if r["scenario"] == scen]
+    for server in ("petrel", "postfix"):
+        srows = [r for r in rows if r["server"] == server and in_scenario(r, "receive")]
         if not srows:
             continue
-        metrics = METRICS + (POSTFIX_EXTRA if scen == "postfix" else []) + OTHERS
-        title = ("A — receive path, petrel" if scen == "petrel"
+        metrics = METRICS + (POSTFIX_EXTRA if server == "postfix" else []) + OTHERS
+        title = ("A — receive path, petrel" if server == "petrel"
                  else "B — Postfix 3.7 relay (context)")
         print(f"\nScenario {title}: {int(srows[0]['messages'])} msgs x "
               f"{int(srows[0]['size'])} B, one message per connection")
-        print("  " + MEM_NOTE[scen])
-        sc = result["scenarios"].setdefault(scen, {})
+        print("  " + MEM_NOTE[server])
+        sc = out["scenarios"].setdefault(server, {})
         for sess in sorted({int(r["sessions"]) for r in srows}):
             runs = [r for r in srows if int(r["sessions"]) == sess]
-            ok = [r for r in runs if r["status"] == "ok"]
-            cols = [f"run {int(r['run'])}" for r in runs] + ["median"]
             print(f"\n  sessions={sess}")
-            print("  " + f"{'':34}" + "".join(f"{c:>12}" for c in cols))
-            med = {}
-            for key, label, f in metrics:
-                vals = [r.get(key) for r in runs]
-                good = [r.get(key) for r in ok if r.get(key) is not None]
-                med[key] = statistics.median(good) if good else None
-                cells = [fmt(v, f) if r["status"] == "ok" else "ERROR"
-                         for v, r in zip(vals, runs)]
-                print("  " + f"{label:34}" + "".join(f"{c:>12}" for c in cells)
-                      + f"{fmt(med[key], f):>12}")
-            for r in runs:
-                if r["status"] != "ok":
-                    failed = True
-                    print(f"  run {int(r['run'])}: ERROR: {r['status']}")
-            medians[(scen, sess)] = med
-            sc[str(sess)] = {
-                "runs": [{k: v for k, v in r.items() if k not in ("scenario",)} for r in runs],
-                "median": med,
-                "ok_runs": len(ok),
-            }
+            med, nok, bad = print_block(runs, metrics)
+            failed = failed or bad
+            medians[(server, sess)] = med
+            sc[str(sess)] = {"runs": [strip_run(r) for r in runs], "median": med,
+                             "ok_runs": nok}
     sessions = sorted({s for (_, s) in medians})
     have_ratio = False
     for sess in sessions:
         p, q = medians.get(("petrel", sess)), medians.get(("postfix", sess))
         if not p or not q:
             continue
-        tp = (p["msgs_per_s"] / q["msgs_per_s"]
-              if p["msgs_per_s"] and q["msgs_per_s"] else None)
-        cpu = (q["cpu_per_1k"] / p["cpu_per_1k"]
-               if p["cpu_per_1k"] and q["cpu_per_1k"] else None)
-        mem = (q["mem_mib"] / p["mem_mib"] if p["mem_mib"] and q["mem_mib"] else None)
+        tp = ratio(p["msgs_per_s"], q["msgs_per_s"])
+        cpu = ratio(q["cpu_per_1k"], p["cpu_per_1k"])
+        mem = ratio(q["mem_mib"], p["mem_mib"])
         if not have_ratio:
             print("\nRatios (medians)")
             print(f"  {'sessions':>8}  {'throughput petrel/Postfix':>26}"
@@ -280,9 +396,9 @@ def cmd_report(tsv, out_json):
             have_ratio = True
         print(f"  {sess:>8}  {fmt(tp, '{:.2f}x'):>26}  {fmt(cpu, '{:.2f}x'):>19}"
               f"  {fmt(mem, '{:.2f}x'):>22}")
-        result["ratios"][str(sess)] = {"throughput_petrel_over_postfix": tp,
-                                       "cpu_postfix_over_petrel": cpu,
-                                       "memory_postfix_over_petrel": mem}
+        out["ratios"][str(sess)] = {"throughput_petrel_over_postfix": tp,
+                                    "cpu_postfix_over_petrel": cpu,
+                                    "memory_postfix_over_petrel": mem}
     targets = {}
     for sess in sessions:
         p = medians.get(("petrel", sess))
@@ -297,7 +413,89 @@ def cmd_report(tsv, out_json):
         print(f"  sessions={sess}: {p['msgs_per_s']:.0f} msgs/s "
               f"{'MET' if m_ok else 'NOT MET'}, "
               f"{fmt(p['cpu_per_1k'], '{:.3f}')} CPU-s/1k {'MET' if c_ok else 'NOT MET'}")
-    result["targets"]["met"] = targets
+    out["targets"]["met"] = targets
+    return failed
+
+
+def report_relay(rows, out):
+    """End-to-end relay scenarios, both servers; returns failed."""
+    rrows = [r for r in rows if in_scenario(r, "relay")]
+    if not rrows:
+        return False
+    failed = False
+    order = []
+    for r in rrows:
+        if workload_key(r) not in order:
+            order.append(workload_key(r))
+    summary = []
+    for (msgs, size, sess) in order:
+        name = f"{msgs}x{size}B/s{sess}"
+        w = out.setdefault(name, {"messages": msgs, "size": size, "sessions": sess})
+        print(f"\nRelay {msgs} msgs x {size} B, {sess} sessions, one message per "
+              f"connection: smtp-source -> server -> smtp-sink")
+        med = {}
+        for server in ("petrel", "postfix"):
+            runs = [r for r in rrows if r["server"] == server and workload_key(r) ==
+                    (msgs, size, sess)]
+            if not runs:
+                continue
+            label = "petrel" if server == "petrel" else "Postfix 3.7"
+            print(f"\n  {label} ({MEM_NOTE[server]})")
+            m, nok, bad = print_block(runs, RELAY_METRICS)
+            failed = failed or bad
+            med[server] = m
+            w[server] = {"runs": [strip_run(r) for r in runs], "median": m, "ok_runs": nok}
+        p, q = med.get("petrel"), med.get("postfix")
+        if p and q:
+            rr = ratio(p["relay_msgs_per_s"], q["relay_msgs_per_s"])
+            ar = ratio(p["msgs_per_s"], q["msgs_per_s"])
+            cr = ratio(q["relay_cpu_per_1k"], p["relay_cpu_per_1k"])
+            mr = ratio(q["relay_mem_mib"], p["relay_mem_mib"])
+            w["ratios"] = {"relay_rate_petrel_over_postfix": rr,
+                           "accept_rate_petrel_over_postfix": ar,
+                           "cpu_postfix_over_petrel": cr,
+                           "memory_postfix_over_petrel": mr}
+            w["targets"] = {"relay_rate_met": rr is not None and rr >= TARGET_RELAY_RATIO,
+                            "cpu_met": cr is not None and cr >= TARGET_CPU_RATIO}
+            summary.append((name, p, q, rr, ar, cr, mr))
+    if summary:
+        print(f"\nRelay summary (medians). Targets: petrel relays >= {TARGET_RELAY_RATIO:.0f}x "
+              f"Postfix's rate and uses <= 1/{TARGET_CPU_RATIO:.0f} of its CPU per message")
+        hdr = ["workload", "relayed/s petrel", "Postfix", "ratio", "target",
+               "CPU/1k petrel", "Postfix", "ratio", "target", "accepted/s ratio",
+               "memory ratio"]
+        widths = [20, 17, 8, 7, 8, 14, 8, 7, 8, 17, 13]
+        print("  " + "".join(f"{h:>{wd}}" for h, wd in zip(hdr, widths)))
+        for name, p, q, rr, ar, cr, mr in summary:
+            cells = [name, fmt(p["relay_msgs_per_s"], "{:.0f}"),
+                     fmt(q["relay_msgs_per_s"], "{:.0f}"), fmt(rr, "{:.2f}x"),
+                     "MET" if rr is not None and rr >= TARGET_RELAY_RATIO else "NOT MET",
+                     fmt(p["relay_cpu_per_1k"], "{:.3f}"), fmt(q["relay_cpu_per_1k"], "{:.3f}"),
+                     fmt(cr, "{:.2f}x"),
+                     "MET" if cr is not None and cr >= TARGET_CPU_RATIO else "NOT MET",
+                     fmt(ar, "{:.2f}x"), fmt(mr, "{:.2f}x")]
+            print("  " + "".join(f"{c:>{wd}}" for c, wd in zip(cells, widths)))
+    return failed
+
+
+def cmd_report(tsv, out_json):
+    rows = load_tsv(tsv)
+    params = {k: os.environ.get(k) for k in
+              ("BENCH_MODE", "BENCH_RUNS", "BENCH_MESSAGES", "BENCH_SESSIONS", "BENCH_SIZE",
+               "BENCH_RELAY")}
+    result = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
+                    "clk_tck": CLK_TCK, "loadavg": os.getloadavg()},
+        "params": params,
+        "receive": {"scenarios": {}, "ratios": {},
+                    "targets": {"msgs_per_s_min": TARGET_MSGS, "cpu_per_1k_max": TARGET_CPU}},
+        "relay": {"targets": {"relay_rate_ratio_min": TARGET_RELAY_RATIO,
+                              "cpu_ratio_min": TARGET_CPU_RATIO},
+                  "workloads": {}},
+    }
+    failed = report_receive(rows, result["receive"])
+    failed = report_relay(rows, result["relay"]["workloads"]) or failed
     result["failed"] = failed
     with open(out_json, "w") as f:
         json.dump(result, f, indent=2)
@@ -322,6 +520,11 @@ def main(argv):
         cmd_hwm(int(args[0]))
     elif cmd == "pss-sample" and len(args) == 4:
         cmd_pss_sample(int(args[0]), args[1], float(args[2]), float(args[3]))
+    elif cmd == "sinkcount" and len(args) == 1:
+        cmd_sinkcount(args[0])
+    elif cmd == "relay-watch" and len(args) == 7:
+        return cmd_relay_watch(args[0], int(args[1]), float(args[2]), args[3],
+                               int(args[4]), int(args[5]), args[6])
     elif cmd == "tarpit" and len(args) == 2:
         cmd_tarpit(int(args[0]), float(args[1]))
     elif cmd == "report" and len(args) == 2:

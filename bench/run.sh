@@ -1,16 +1,26 @@
 #!/bin/bash
 # petrel benchmark harness (`make bench`); see bench/README.md.
 #
-# Scenario A: petrel's receive path (smtp-source -> petrel, durable spool).
-# Scenario B: the Postfix reference relay, same load, for context.
-# Each scenario runs BENCH_RUNS times per session count; medians are printed
-# and everything is written to build-bench/results.json.
+# BENCH_MODE=receive: petrel's receive path (deliveries parked) against the
+#   Postfix reference relay, same load (scenarios A and B).
+# BENCH_MODE=relay: end to end, smtp-source -> server -> smtp-sink, petrel
+#   routing dest.test to the same smtp-sink Postfix relays to; the sink's own
+#   counter says when every message has arrived.
+# BENCH_MODE=all (default): both. Postfix does the same work in both
+#   scenarios (it always relays to the sink), so where a receive and a relay
+#   workload coincide one Postfix run gives the figures for both tables.
+# Each workload runs BENCH_RUNS times, petrel and Postfix interleaved; medians
+# are printed and everything is written to build-bench/results.json.
 #
-# Knobs: BENCH_RUNS (3) BENCH_MESSAGES (10000) BENCH_SESSIONS ("20 100")
-#        BENCH_SIZE (4096) BENCH_SKIP_POSTFIX=1 BENCH_SKIP_PETREL=1
-#        BENCH_PETREL_PORT (2625) BENCH_TARPIT_PORT (2627)
-#        BENCH_PETREL_DELIVERY (park | none; see README)
-#        BENCH_POSTFIX_DIR (/work/shared/bench/postfix)
+# Knobs: BENCH_MODE (all) BENCH_RUNS (3)
+#        receive: BENCH_MESSAGES (10000) BENCH_SESSIONS ("20 100") BENCH_SIZE (4096)
+#                 BENCH_PETREL_DELIVERY (park | none; see README) BENCH_TARPIT_PORT (2627)
+#        relay:   BENCH_RELAY ("10000:4096:20 10000:4096:100 2000:102400:20",
+#                 MESSAGES:SIZE:SESSIONS each)
+#                 BENCH_RELAY_CONNECTIONS (20) BENCH_RELAY_PER_CONNECTION (100)
+#                 BENCH_RELAY_CACHE_TIME (2s) BENCH_RELAY_TIMEOUT (300)
+#        BENCH_SKIP_POSTFIX=1 BENCH_SKIP_PETREL=1 BENCH_PETREL_PORT (2625)
+#        BENCH_PETREL_LOG_LEVEL (warning) BENCH_POSTFIX_DIR (/work/shared/bench/postfix)
 #        BENCH_PETREL_BIN (a prebuilt petrel to measure instead of building one)
 set -euo pipefail
 
@@ -20,15 +30,22 @@ BUILD_DIR=$ROOT/build-bench
 PY=/usr/bin/python3
 LIB=("$PY" "$HERE/benchlib.py")
 
+export BENCH_MODE=${BENCH_MODE:-all}
 export BENCH_RUNS=${BENCH_RUNS:-3}
 export BENCH_MESSAGES=${BENCH_MESSAGES:-10000}
 export BENCH_SESSIONS=${BENCH_SESSIONS:-"20 100"}
 export BENCH_SIZE=${BENCH_SIZE:-4096}
+export BENCH_RELAY=${BENCH_RELAY:-"10000:4096:20 10000:4096:100 2000:102400:20"}
 SKIP_POSTFIX=${BENCH_SKIP_POSTFIX:-0}
 SKIP_PETREL=${BENCH_SKIP_PETREL:-0}
 PETREL_PORT=${BENCH_PETREL_PORT:-2625}
 TARPIT_PORT=${BENCH_TARPIT_PORT:-2627}
 PETREL_DELIVERY=${BENCH_PETREL_DELIVERY:-park}
+PETREL_LOG_LEVEL=${BENCH_PETREL_LOG_LEVEL:-warning}
+RELAY_CONNECTIONS=${BENCH_RELAY_CONNECTIONS:-20}
+RELAY_PER_CONNECTION=${BENCH_RELAY_PER_CONNECTION:-100}
+RELAY_CACHE_TIME=${BENCH_RELAY_CACHE_TIME:-2s}
+RELAY_TIMEOUT=${BENCH_RELAY_TIMEOUT:-300}  # s after smtp-source ends for the sink to have all
 POSTFIX_DIR=${BENCH_POSTFIX_DIR:-/work/shared/bench/postfix}
 POSTFIX_PORT=2525   # fixed by the reference master.cf
 SINK_PORT=2526      # fixed by the reference main.cf (relayhost)
@@ -88,7 +105,8 @@ stop_pid() {
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
-PETREL_PID= TARPIT_PID= SINK_PID= SAMPLER_PID= POSTFIX_STARTED=0
+PETREL_PID='' TARPIT_PID='' SINK_PID='' SAMPLER_PID='' WATCH_PID='' POSTFIX_STARTED=0
+SINK_OUT=$BUILD_DIR/logs/smtp-sink.out
 
 # postfix_stop: `postfix stop`, then wait (bounded) until the master and all
 # its processes have exited, since `postfix stop` returns before they have.
@@ -112,9 +130,10 @@ postfix_stop() {
 
 cleanup() {
     local pid
-    for pid in "$SAMPLER_PID" "$PETREL_PID" "$TARPIT_PID"; do
+    for pid in "$WATCH_PID" "$SAMPLER_PID" "$PETREL_PID" "$TARPIT_PID"; do
         [ -n "$pid" ] && alive "$pid" && stop_pid "$pid" 10
     done
+    WATCH_PID='' SAMPLER_PID='' PETREL_PID='' TARPIT_PID=''
     if [ "$POSTFIX_STARTED" -eq 1 ]; then
         say "stopping Postfix"
         postfix_stop
@@ -126,12 +145,26 @@ cleanup() {
 trap cleanup EXIT
 trap 'say interrupted; exit 130' INT TERM
 
-for v in BENCH_RUNS BENCH_MESSAGES BENCH_SIZE PETREL_PORT TARPIT_PORT; do
+for v in BENCH_RUNS BENCH_MESSAGES BENCH_SIZE PETREL_PORT TARPIT_PORT RELAY_CONNECTIONS \
+         RELAY_PER_CONNECTION RELAY_TIMEOUT; do
     is_uint "${!v}" || die "$v must be a positive integer (got '${!v}')"
 done
-for s in $BENCH_SESSIONS; do is_uint "$s" || die "BENCH_SESSIONS: bad value '$s'"; done
-[ -n "${BENCH_SESSIONS// /}" ] || die "BENCH_SESSIONS is empty"
+case $BENCH_MODE in receive|relay|all) ;; *) die "BENCH_MODE must be receive, relay or all";; esac
+if [ "$BENCH_MODE" != relay ]; then
+    for s in $BENCH_SESSIONS; do is_uint "$s" || die "BENCH_SESSIONS: bad value '$s'"; done
+    [ -n "${BENCH_SESSIONS// /}" ] || die "BENCH_SESSIONS is empty"
+fi
+if [ "$BENCH_MODE" != receive ]; then
+    [ -n "${BENCH_RELAY// /}" ] || die "BENCH_RELAY is empty"
+    for w in $BENCH_RELAY; do
+        [[ "$w" =~ ^[1-9][0-9]*:[1-9][0-9]*:[1-9][0-9]*$ ]] ||
+            die "BENCH_RELAY: '$w' is not MESSAGES:SIZE:SESSIONS"
+    done
+fi
+[[ "$RELAY_CACHE_TIME" =~ ^[0-9]+(ms|s|m)$ ]] || die "BENCH_RELAY_CACHE_TIME: bad duration"
 case $PETREL_DELIVERY in park|none) ;; *) die "BENCH_PETREL_DELIVERY must be park or none";; esac
+case $PETREL_LOG_LEVEL in error|warning|info|debug) ;;
+    *) die "BENCH_PETREL_LOG_LEVEL must be error, warning, info or debug";; esac
 [ "$BENCH_RUNS" -le 20 ] || die "BENCH_RUNS > 20 is not supported"
 
 SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)
@@ -141,30 +174,59 @@ SMTP_SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 
 mkdir -p "$BUILD_DIR/logs"
 TSV=$BUILD_DIR/results.tsv
-printf 'scenario\tsessions\trun\tmessages\tsize\twall_s\tmsgs_per_s\tcpu_s\tcpu_per_1k\tmem_mib\tcpu_per_1k_drain\tdrain_s\tothers_pct\tstatus\n' >"$TSV"
+printf '%s\t' scenario server messages size sessions run wall_s msgs_per_s cpu_s cpu_per_1k \
+    mem_mib relay_s relay_msgs_per_s relay_cpu_s relay_cpu_per_1k relay_mem_mib \
+    cpu_per_1k_drain drain_s others_pct relay_others_pct sink_count sink_sessions >"$TSV"
+printf 'status\n' >>"$TSV"
 
-# row SCENARIO SESSIONS RUN WALL CPU MEM_KIB CPU_DRAIN DRAIN OTHERS_PCT STATUS
+# per1k CPU MESSAGES / rate MESSAGES SECONDS / mib KIB: "-" stays "-".
+per1k() { if [ "$1" = - ]; then echo -; else calc "$1 * 1000 / $2"; fi; }
+rate() { if [ "$2" = - ]; then echo -; else calc "$1 / $2"; fi; }
+mib() { if [ "$1" = - ]; then echo -; else calc "$1 / 1024"; fi; }
+
+# r0 / r3 NUMBER: rounded for the progress lines ("-" stays "-").
+r0() { if [ "$1" = - ]; then echo -; else printf '%.0f' "$1"; fi; }
+r3() { if [ "$1" = - ]; then echo -; else printf '%.3f' "$1"; fi; }
+
+# row: one line of results.tsv from the caller's variables (bash's dynamic
+# scoping): scen server msgs size sess run wall cpu mem relay rcpu rmem cpud
+# drain others rothers sinkn sinks status. CPU in seconds, memory in KiB.
 row() {
-    local scen=$1 sess=$2 run=$3 wall=$4 cpu=$5 mem=$6 cpud=$7 drain=$8 others=$9 status=${10}
-    local rate=- per1k=- mib=- per1kd=-
-    if [ "$wall" != - ]; then rate=$(calc "$BENCH_MESSAGES / $wall"); fi
-    if [ "$cpu" != - ]; then per1k=$(calc "$cpu * 1000 / $BENCH_MESSAGES"); fi
-    if [ "$mem" != - ]; then mib=$(calc "$mem / 1024"); fi
-    if [ "$cpud" != - ]; then per1kd=$(calc "$cpud * 1000 / $BENCH_MESSAGES"); fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$sess" \
-        "$run" "$BENCH_MESSAGES" "$BENCH_SIZE" "$wall" "$rate" "$cpu" "$per1k" "$mib" "$per1kd" \
-        "$drain" "$others" "${status//$'\t'/ }" >>"$TSV"
-    say "$scen s=$sess run $run: $rate msgs/s, $per1k CPU-s/1k, $mib MiB: $status"
+    local r_rate r_per1k r_mib rr_rate rr_per1k rr_mib r_per1kd
+    r_rate=$(rate "$msgs" "$wall")
+    r_per1k=$(per1k "$cpu" "$msgs")
+    r_mib=$(mib "$mem")
+    rr_rate=$(rate "$msgs" "$relay")
+    rr_per1k=$(per1k "$rcpu" "$msgs")
+    rr_mib=$(mib "$rmem")
+    r_per1kd=$(per1k "$cpud" "$msgs")
+    printf '%s\t' "$scen" "$server" "$msgs" "$size" "$sess" "$run" "$wall" "$r_rate" "$cpu" \
+        "$r_per1k" "$r_mib" "$relay" "$rr_rate" "$rcpu" "$rr_per1k" "$rr_mib" "$r_per1kd" \
+        "$drain" "$others" "$rothers" "$sinkn" "$sinks" >>"$TSV"
+    printf '%s\n' "${status//$'\t'/ }" >>"$TSV"
+    local what
+    what="$server $scen ${msgs}x${size}B s=$sess run $run: $(r0 "$r_rate") msgs/s accepted"
+    if [ "$relay" != - ]; then
+        what+=", $(r0 "$rr_rate") msgs/s relayed, $(r3 "$rr_per1k") CPU-s/1k relayed"
+    else
+        what+=", $(r3 "$r_per1k") CPU-s/1k"
+    fi
+    say "$what: $status"
 }
 
-# smtp_source PORT SESSIONS COUNT OUTFILE: the load generator (one message per
-# connection, smtp-source's default). Returns smtp-source's exit status; its
-# own CPU time goes to OUTFILE.cpu ("user system", GNU time).
+# smtp_source PORT SESSIONS COUNT SIZE OUTFILE: the load generator (one message
+# per connection, smtp-source's default). Returns smtp-source's exit status;
+# its own CPU time goes to OUTFILE.cpu ("user system", GNU time).
 smtp_source() {
     local timecmd=()
-    [ -x /usr/bin/time ] && timecmd=(/usr/bin/time -o "$4.cpu" -f '%U %S')
+    [ -x /usr/bin/time ] && timecmd=(/usr/bin/time -o "$5.cpu" -f '%U %S')
     timeout "$SOURCE_TIMEOUT" "${timecmd[@]}" "$SMTP_SOURCE" -s "$2" -m "$3" \
-        -l "$BENCH_SIZE" -f "$SENDER" -t "$RCPT" "127.0.0.1:$1" >"$4" 2>&1
+        -l "$4" -f "$SENDER" -t "$RCPT" "127.0.0.1:$1" >"$5" 2>&1
+}
+
+# source_cpu OUTFILE: smtp-source's CPU seconds, or "" if unknown.
+source_cpu() {
+    tail -n 1 "$1.cpu" 2>/dev/null | awk 'NF == 2 { print $1 + $2 }'
 }
 
 # others_pct BUSY0 BUSY1 WALL SERVER_CPU SOURCE_OUTFILE: share of the machine's
@@ -173,9 +235,88 @@ smtp_source() {
 # smtp-sink and the memory sampler). "-" if smtp-source's CPU is unknown.
 others_pct() {
     local src
-    src=$(tail -n 1 "$5.cpu" 2>/dev/null | awk 'NF == 2 { print $1 + $2 }')
+    src=$(source_cpu "$5")
     if [ -z "$src" ] || [ "$4" = - ]; then echo -; return; fi
     calc "($2 - $1 - $4 - $src) * 100 / ($3 * $NCPU)"
+}
+
+# ------------------------------------------------------------------ the sink
+
+# One smtp-sink for the whole benchmark, on Postfix's relayhost port: Postfix
+# relays to it and petrel's relay runs route dest.test to it. With -c it
+# prints a running message counter; runs take the difference.
+sink_start() {
+    [ -x "$SMTP_SINK" ] || die "smtp-sink not found"
+    listening "$SINK_PORT" && die "port $SINK_PORT is already in use"
+    local user=()
+    [ "$(id -u)" -eq 0 ] && user=(-u nobody)  # smtp-sink refuses to run as root
+    "$SMTP_SINK" "${user[@]}" -c "127.0.0.1:$SINK_PORT" 1000 >"$SINK_OUT" 2>&1 &
+    SINK_PID=$!
+    wait_listen "$SINK_PORT" 10 "$SINK_PID" || die "smtp-sink did not start"
+}
+
+sink_check() { alive "$SINK_PID" || die "smtp-sink (pid $SINK_PID) has died: $SINK_OUT"; }
+sink_counts() { "${LIB[@]}" sinkcount "$SINK_OUT"; }  # "MESSAGES SESSIONS"
+sink_count() { sink_counts | cut -d' ' -f1; }
+
+# sink_idle SECONDS: until no connection to the sink is open (the sink counts
+# a session when it ends, so connections a server keeps cached would be
+# counted in whichever run they happen to end in). Bounded; 1 on timeout.
+sink_idle() {
+    local i
+    for ((i = 0; i < $1 * 10; i++)); do
+        if ! ss -Htn state established state close-wait "( sport = :$SINK_PORT )" 2>/dev/null |
+            grep -q .; then
+            sleep 0.1  # the sink's counter line follows the close
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# watch_start TARGET KIND PID OUT: the relay watcher (benchlib relay-watch):
+# notes time and CPU the moment the sink's counter reaches TARGET.
+watch_start() {
+    local i
+    rm -f "$4" "$4.ready"
+    "${LIB[@]}" relay-watch "$SINK_OUT" "$1" $((SOURCE_TIMEOUT + RELAY_TIMEOUT + 60)) \
+        "$2" "$3" "$SINK_PID" "$4" &
+    WATCH_PID=$!
+    for ((i = 0; i < 100; i++)); do
+        [ -e "$4.ready" ] && return 0
+        alive "$WATCH_PID" || break
+        sleep 0.05
+    done
+    die "the relay watcher did not start"
+}
+
+# watch_wait SECONDS: until the watcher has finished (the sink has everything)
+# or SECONDS have passed; then it is stopped. Returns its exit status.
+watch_wait() {
+    local i
+    for ((i = 0; i < $1 * 10; i++)); do
+        alive "$WATCH_PID" || break
+        sleep 0.1
+    done
+    stop_pid "$WATCH_PID" 5
+    WATCH_PID=
+    return "$STOP_RC"
+}
+
+# relay_figures OUT T0 C0 B0 S0 SOURCE_OUTFILE: from the watcher's output sets
+# relay (s), rcpu (server CPU s), rothers (other CPU %), or returns 1.
+relay_figures() {
+    local t c b sc self n src
+    read -r t c b sc self n <"$1" 2>/dev/null || return 1
+    [ "$t" = timeout ] && return 1
+    relay=$(calc "$t - $2")
+    if [ "$c" != - ]; then rcpu=$(calc "$c - $3"); fi
+    src=$(source_cpu "$6")
+    if [ -n "$src" ] && [ "$rcpu" != - ] && [ "$sc" != - ]; then
+        rothers=$(calc "($b - $4 - $rcpu - $src - ($sc - $5) - $self) * 100 / ($relay * $NCPU)")
+    fi
+    return 0
 }
 
 # ------------------------------------------------------------------ petrel
@@ -193,11 +334,14 @@ build_petrel() {
     [ -x "$PETREL" ] || die "no $PETREL after the build"
 }
 
-# petrel_config SPOOL LEVEL OUT: instantiate bench/petrel-bench.yaml.
+# petrel_config SPOOL DELIVERY OUT: instantiate bench/petrel-bench.yaml;
+# DELIVERY is park (route to the silent listener), none, or relay (route to
+# the sink with the delivery settings of the relay scenario).
 petrel_config() {
-    sed -e "s|@SPOOL@|$1|g" -e "s|@LOG_LEVEL@|$2|g" -e "s|@PORT@|$PETREL_PORT|g" \
-        "$HERE/petrel-bench.yaml" >"$3"
-    if [ "$PETREL_DELIVERY" = park ]; then
+    sed -e "s|@SPOOL@|$1|g" -e "s|@LOG_LEVEL@|$PETREL_LOG_LEVEL|g" \
+        -e "s|@PORT@|$PETREL_PORT|g" "$HERE/petrel-bench.yaml" >"$3"
+    case $2 in
+    park)
         cat >>"$3" <<EOF
 # Deliveries are parked on a silent local listener so that the run measures
 # the receive path only (see bench/README.md).
@@ -205,41 +349,86 @@ routes:
   - domain: dest.test
     via: smtp:[127.0.0.1]:$TARPIT_PORT
 EOF
-    fi
+        ;;
+    relay)
+        cat >>"$3" <<EOF
+# End-to-end relay: dest.test goes to the smtp-sink Postfix relays to
+# (see bench/README.md). TLS off on both sides, as in the Postfix setup;
+# source address 127.0.0.1 like Postfix's (petrel's default would pick one
+# of the machine's non-loopback addresses).
+routes:
+  - domain: dest.test
+    via: smtp:[127.0.0.1]:$SINK_PORT
+delivery:
+  max_connections_per_destination: $RELAY_CONNECTIONS
+  max_messages_per_connection: $RELAY_PER_CONNECTION
+  connection_cache_time: $RELAY_CACHE_TIME
+  tls: none
+  source_ips: [127.0.0.1]
+EOF
+        ;;
+    esac
 }
 
-# Checks once that the generated config is accepted; falls back to no route
-# if this petrel does not know `routes` yet.
+# Checks once that the generated configs are accepted; for the receive path
+# falls back to no route if this petrel does not know `routes` yet.
 check_petrel_config() {
     local dir out
     dir=$(mktemp -d "$BUILD_DIR/check-XXXXXX")
-    petrel_config "$dir/spool" warning "$dir/petrel.yaml"
-    if ! out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1); then
-        if [ "$PETREL_DELIVERY" = park ]; then
-            say "petrel check-config rejected the config with a parking route:"
-            say "  $out"
-            say "retrying without it (deliveries will go wherever petrel sends them)"
-            PETREL_DELIVERY=none
-            petrel_config "$dir/spool" warning "$dir/petrel.yaml"
-            out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1) ||
-                say "petrel check-config still fails ($out); trying serve anyway"
-        else
-            say "petrel check-config fails ($out); trying serve anyway"
+    if [ "$BENCH_MODE" != relay ]; then
+        petrel_config "$dir/spool" "$PETREL_DELIVERY" "$dir/petrel.yaml"
+        if ! out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1); then
+            if [ "$PETREL_DELIVERY" = park ]; then
+                say "petrel check-config rejected the config with a parking route:"
+                say "  $out"
+                say "retrying without it (deliveries will go wherever petrel sends them)"
+                PETREL_DELIVERY=none
+                petrel_config "$dir/spool" none "$dir/petrel.yaml"
+                out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1) ||
+                    say "petrel check-config still fails ($out); trying serve anyway"
+            else
+                say "petrel check-config fails ($out); trying serve anyway"
+            fi
         fi
+    fi
+    if [ "$BENCH_MODE" != receive ]; then
+        petrel_config "$dir/spool" relay "$dir/petrel.yaml"
+        out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1) ||
+            { rm -rf "$dir"; die "petrel rejects the relay configuration: $out"; }
     fi
     rm -rf "$dir"
 }
 
-# petrel_run SESSIONS RUN
-petrel_run() {
-    local sess=$1 run=$2 dir cfg log status=ok wall=- cpu=- hwm=- src_rc=0 rc t0 t1 c0 c1
-    local b0 b1 others
-    local qlast n
+# petrel_queue CFG OUTFILE: sets qn to the number of queued messages after
+# `petrel queue list` (daemon stopped), or returns 1 with status set.
+petrel_queue() {
+    local qlast
+    if ! timeout 120 "$PETREL" queue list -c "$1" >"$2" 2>&1; then
+        status="petrel queue list failed: $(tail -n 1 "$2")"
+        return 1
+    fi
+    qlast=$(tail -n 1 "$2")
+    if [[ "$qlast" =~ ^--\ ([0-9]+)\ messages? ]]; then
+        qn=${BASH_REMATCH[1]}
+    elif [[ "$qlast" == "Queue is empty"* ]]; then
+        qn=0
+    else
+        status="cannot parse petrel queue list summary: '$qlast'"
+        return 1
+    fi
+}
+
+# petrel_receive MESSAGES SIZE SESSIONS RUN: scenario A, the receive path
+# with deliveries parked; every accepted message must still be queued.
+petrel_receive() {
+    local msgs=$1 size=$2 sess=$3 run=$4 scen=receive server=petrel
+    local dir cfg log status=ok wall=- cpu=- mem=- src_rc=0 rc t0 t1 c0 c1 b0 b1 others qn
+    local relay=- rcpu=- rmem=- cpud=- drain=- rothers=- sinkn=- sinks=-
     dir=$(mktemp -d "$BUILD_DIR/spool-XXXXXX")
     cfg=$dir/petrel.yaml
-    log=$BUILD_DIR/logs/petrel-s$sess-r$run.log
+    log=$BUILD_DIR/logs/petrel-receive-${msgs}x$size-s$sess-r$run.log
     mkdir -p "$dir/spool"
-    petrel_config "$dir/spool" warning "$cfg"
+    petrel_config "$dir/spool" "$PETREL_DELIVERY" "$cfg"
 
     listening "$PETREL_PORT" && die "port $PETREL_PORT is already in use"
     if [ "$PETREL_DELIVERY" = park ]; then
@@ -259,12 +448,12 @@ petrel_run() {
     c0=$("${LIB[@]}" cpu "$PETREL_PID")
     b0=$("${LIB[@]}" sysbusy)
     t0=$(now)
-    smtp_source "$PETREL_PORT" "$sess" "$BENCH_MESSAGES" "$dir/smtp-source.out" || src_rc=$?
+    smtp_source "$PETREL_PORT" "$sess" "$msgs" "$size" "$dir/smtp-source.out" || src_rc=$?
     t1=$(now)
     b1=$("${LIB[@]}" sysbusy)
     if alive "$PETREL_PID"; then
         c1=$("${LIB[@]}" cpu "$PETREL_PID")
-        hwm=$("${LIB[@]}" hwm "$PETREL_PID")
+        mem=$("${LIB[@]}" hwm "$PETREL_PID")
         cpu=$(calc "$c1 - $c0")
     else
         status="petrel died during the run (log: $log)"
@@ -287,37 +476,115 @@ petrel_run() {
     fi
 
     # Every accepted message must be in the queue afterwards.
-    if [ "$status" = ok ]; then
-        if ! timeout 120 "$PETREL" queue list -c "$cfg" >"$dir/queue.txt" 2>&1; then
-            status="petrel queue list failed: $(tail -n 1 "$dir/queue.txt")"
-        else
-            qlast=$(tail -n 1 "$dir/queue.txt")
-            if [[ "$qlast" =~ ^--\ ([0-9]+)\ messages? ]]; then
-                n=${BASH_REMATCH[1]}
-            elif [[ "$qlast" == "Queue is empty"* ]]; then
-                n=0
-            else
-                n=
-                status="cannot parse petrel queue list summary: '$qlast'"
-            fi
-            if [ -n "$n" ] && [ "$n" -ne "$BENCH_MESSAGES" ]; then
-                status="lost messages: $n queued, $BENCH_MESSAGES sent"
-            fi
-        fi
+    if [ "$status" = ok ] && petrel_queue "$cfg" "$dir/queue.txt"; then
+        [ "$qn" -ne "$msgs" ] && status="lost messages: $qn queued, $msgs sent"
     fi
-    [ -s "$log" ] && say "petrel logged $(wc -l <"$log") line(s) at level warning: $log"
+    [ -s "$log" ] && say "petrel logged $(wc -l <"$log") line(s) at level $PETREL_LOG_LEVEL: $log"
 
     if [ "$status" = ok ]; then
         rm -rf "$dir"
     else
         say "keeping $dir for inspection"
     fi
-    row petrel "$sess" "$run" "$wall" "$cpu" "$hwm" - - "$others" "$status"
+    row
+}
+
+# petrel_relay MESSAGES SIZE SESSIONS RUN: end to end, petrel relaying to the
+# sink; the sink must count exactly MESSAGES more and the queue must be empty.
+petrel_relay() {
+    local msgs=$1 size=$2 sess=$3 run=$4 scen=relay server=petrel
+    local dir cfg log status=ok wall=- cpu=- mem=- src_rc=0 rc t0 t1 c0 c1 b0 b1 s0 others qn
+    local relay=- rcpu=- rmem=- cpud=- drain=- rothers=- sinkn=- sinks=- base sbase n sn
+    dir=$(mktemp -d "$BUILD_DIR/spool-XXXXXX")
+    cfg=$dir/petrel.yaml
+    log=$BUILD_DIR/logs/petrel-relay-${msgs}x$size-s$sess-r$run.log
+    mkdir -p "$dir/spool"
+    petrel_config "$dir/spool" relay "$cfg"
+
+    listening "$PETREL_PORT" && die "port $PETREL_PORT is already in use"
+    sink_check
+    read -r base sbase < <(sink_counts)
+    "$PETREL" serve -c "$cfg" 2>"$log" &
+    PETREL_PID=$!
+    if ! wait_listen "$PETREL_PORT" 15 "$PETREL_PID"; then
+        tail -n 20 "$log" >&2
+        die "petrel did not listen on 127.0.0.1:$PETREL_PORT within 15 s (log: $log)"
+    fi
+
+    watch_start $((base + msgs)) cpu "$PETREL_PID" "$dir/watch"
+    c0=$("${LIB[@]}" cpu "$PETREL_PID")
+    s0=$("${LIB[@]}" cpu "$SINK_PID")
+    b0=$("${LIB[@]}" sysbusy)
+    t0=$(now)
+    smtp_source "$PETREL_PORT" "$sess" "$msgs" "$size" "$dir/smtp-source.out" || src_rc=$?
+    t1=$(now)
+    b1=$("${LIB[@]}" sysbusy)
+    if alive "$PETREL_PID"; then
+        c1=$("${LIB[@]}" cpu "$PETREL_PID")
+        mem=$("${LIB[@]}" hwm "$PETREL_PID")
+        cpu=$(calc "$c1 - $c0")
+    else
+        status="petrel died during the run (log: $log)"
+    fi
+    wall=$(calc "$t1 - $t0")
+    others=$(others_pct "$b0" "$b1" "$wall" "$cpu" "$dir/smtp-source.out")
+    if [ "$src_rc" -ne 0 ]; then
+        status="smtp-source exit $src_rc: $(tail -n 1 "$dir/smtp-source.out" | tr -d '\r')"
+    fi
+
+    # Until the sink has them all (not worth waiting for if some were not accepted).
+    if [ "$status" = ok ]; then
+        watch_wait "$RELAY_TIMEOUT" || true
+        if relay_figures "$dir/watch" "$t0" "$c0" "$b0" "$s0" "$dir/smtp-source.out"; then
+            alive "$PETREL_PID" && rmem=$("${LIB[@]}" hwm "$PETREL_PID")
+        elif alive "$PETREL_PID"; then
+            status="relay incomplete: the sink got $(($(sink_count) - base)) of $msgs"
+            status+=" within ${RELAY_TIMEOUT}s after smtp-source ended (log: $log)"
+        else
+            status="petrel died while relaying (log: $log)"
+        fi
+    else
+        watch_wait 0 || true
+    fi
+
+    # A moment for late duplicates, then stop; afterwards nothing can reach the sink.
+    [ "$status" = ok ] && sleep 1
+    if [ -n "$PETREL_PID" ]; then
+        stop_pid "$PETREL_PID" 60
+        rc=$STOP_RC
+        PETREL_PID=
+        if [ "$status" = ok ] && [ "$rc" -ne 0 ]; then
+            status="petrel exited with status $rc after SIGTERM (log: $log)"
+        fi
+    fi
+    sink_idle 10 || say "warning: connections to the sink still open after petrel exited"
+    read -r n sn < <(sink_counts)
+    sinkn=$((n - base))
+    sinks=$((sn - sbase))
+    if [ "$status" = ok ] && [ "$sinkn" -ne "$msgs" ]; then
+        status="the sink got $sinkn messages, $msgs were sent"
+    fi
+
+    # Nothing may be left behind in the queue.
+    if petrel_queue "$cfg" "$dir/queue.txt"; then
+        if [ "$qn" -ne 0 ]; then
+            local q="$qn message(s) still queued after SIGTERM ($dir/queue.txt)"
+            if [ "$status" = ok ]; then status=$q; else status+="; $q"; fi
+        fi
+    fi
+    [ -s "$log" ] && say "petrel logged $(wc -l <"$log") line(s) at level $PETREL_LOG_LEVEL: $log"
+
+    if [ "$status" = ok ]; then
+        rm -rf "$dir"
+    else
+        say "keeping $dir for inspection"
+    fi
+    row
 }
 
 # ------------------------------------------------------------------ Postfix
 
-POSTFIX_QDIR= POSTFIX_LOG=
+POSTFIX_QDIR='' POSTFIX_LOG=''
 
 queue_files() {
     find "$POSTFIX_QDIR/maildrop" "$POSTFIX_QDIR/incoming" "$POSTFIX_QDIR/active" \
@@ -345,29 +612,29 @@ log_count() {
 postfix_setup() {
     [ -x "$POSTFIX_DIR/ctl.sh" ] || die "no Postfix reference setup at $POSTFIX_DIR"
     command -v postfix >/dev/null || die "postfix is not installed (make bench-deps)"
-    [ -x "$SMTP_SINK" ] || die "smtp-sink not found"
     if postfix status >/dev/null 2>&1 || listening "$POSTFIX_PORT"; then
         die "Postfix (or something on port $POSTFIX_PORT) is already running; stop it first" \
             "(bash $POSTFIX_DIR/ctl.sh stop)"
     fi
-    listening "$SINK_PORT" && die "port $SINK_PORT is already in use"
     POSTFIX_QDIR=$(postconf -h queue_directory)
     if [ "$(queue_files)" -ne 0 ]; then
         die "the Postfix queue in $POSTFIX_QDIR is not empty; the benchmark needs an" \
             "empty queue (inspect with postqueue -p, empty with postsuper -d ALL)"
     fi
-    local user=()
-    [ "$(id -u)" -eq 0 ] && user=(-u nobody)  # smtp-sink refuses to run as root
-    "$SMTP_SINK" "${user[@]}" -c "127.0.0.1:$SINK_PORT" 1000 >"$BUILD_DIR/logs/smtp-sink.out" 2>&1 &
-    SINK_PID=$!
-    wait_listen "$SINK_PORT" 10 "$SINK_PID" || die "smtp-sink did not start"
 }
 
-# postfix_run SESSIONS RUN
+# postfix_run SCENARIO MESSAGES SIZE SESSIONS RUN: the reference relay.
+# SCENARIO (receive, relay or receive+relay) only says which tables the run
+# belongs to: Postfix always relays to the sink, and every run records the
+# receive figures (CPU and memory while smtp-source runs, drain until the
+# queue is empty) and the relay figures (until the sink has every message).
 postfix_run() {
-    local sess=$1 run=$2 dir master status=ok src_rc=0 wall=- cpu=- cpud=- drain=- mem=-
-    local t0 t1 t2 c0 c1 c2 off n_in n_sent i b0 b1 others
+    local scen=$1 msgs=$2 size=$3 sess=$4 run=$5 server=postfix
+    local dir master status=ok src_rc=0 wall=- cpu=- cpud=- drain=- mem=- others
+    local relay=- rcpu=- rmem=- rothers=- sinkn=- sinks=- base sbase n sn
+    local t0 t1 t2 c0 c1 c2 s0 off n_in n_sent i b0 b1
     dir=$(mktemp -d "$BUILD_DIR/postfix-XXXXXX")
+    sink_check
 
     # Fresh Postfix for every run, then a 500-message warm-up (README of the
     # reference setup: idle smtpd processes left over skew the next figure).
@@ -379,32 +646,51 @@ postfix_run() {
     master=$(tr -d ' \n' <"$POSTFIX_QDIR/pid/master.pid")
     alive "$master" || die "no Postfix master process ($master)"
 
-    if ! smtp_source "$POSTFIX_PORT" "$sess" 500 "$dir/warmup.out"; then
+    if ! smtp_source "$POSTFIX_PORT" "$sess" 500 "$size" "$dir/warmup.out"; then
         cat "$dir/warmup.out" >&2
         die "Postfix warm-up failed"
     fi
     wait_drain 120 || die "Postfix did not relay the warm-up messages within 120 s"
     sleep 1  # let postlogd write the warm-up's last lines
+    # Postfix caches idle connections to the sink for 2 s (its default).
+    sink_idle 15 || say "warning: Postfix keeps connections to the sink open after the warm-up"
     off=$(log_size)
+    read -r base sbase < <(sink_counts)
 
+    watch_start $((base + msgs)) treecpu "$master" "$dir/watch"
     read -r c0 _ < <("${LIB[@]}" treecpu "$master")
+    s0=$("${LIB[@]}" cpu "$SINK_PID")
     "${LIB[@]}" pss-sample "$master" "$dir/pss" 0.5 900 &
     SAMPLER_PID=$!
     b0=$("${LIB[@]}" sysbusy)
     t0=$(now)
-    smtp_source "$POSTFIX_PORT" "$sess" "$BENCH_MESSAGES" "$dir/smtp-source.out" || src_rc=$?
+    smtp_source "$POSTFIX_PORT" "$sess" "$msgs" "$size" "$dir/smtp-source.out" || src_rc=$?
     t1=$(now)
     read -r c1 _ < <("${LIB[@]}" treecpu "$master")
     b1=$("${LIB[@]}" sysbusy)
-    stop_pid "$SAMPLER_PID" 10
-    SAMPLER_PID=
+    kill -USR1 "$SAMPLER_PID" 2>/dev/null || true  # peak memory while accepting
     wall=$(calc "$t1 - $t0")
     cpu=$(calc "$c1 - $c0")
     others=$(others_pct "$b0" "$b1" "$wall" "$cpu" "$dir/smtp-source.out")
-    [ -s "$dir/pss" ] && read -r mem _ <"$dir/pss"
     if [ "$src_rc" -ne 0 ]; then
         status="smtp-source exit $src_rc: $(tail -n 1 "$dir/smtp-source.out" | tr -d '\r')"
     fi
+
+    # Until the sink has every message.
+    if [ "$status" = ok ]; then
+        watch_wait "$RELAY_TIMEOUT" || true
+        if ! relay_figures "$dir/watch" "$t0" "$c0" "$b0" "$s0" "$dir/smtp-source.out"; then
+            status="relay incomplete: the sink got $(($(sink_count) - base)) of $msgs"
+            status+=" within ${RELAY_TIMEOUT}s after smtp-source ended"
+        fi
+    else
+        watch_wait 0 || true
+    fi
+    stop_pid "$SAMPLER_PID" 10
+    SAMPLER_PID=
+    for i in 1 2 3 4 5 6 7 8 9 10; do [ -s "$dir/pss.mark" ] && break; sleep 0.1; done
+    [ -s "$dir/pss.mark" ] && read -r mem _ <"$dir/pss.mark"
+    [ -s "$dir/pss" ] && read -r rmem _ <"$dir/pss"
 
     # Context: the relay work still queued when smtp-source finished.
     if wait_drain 300; then
@@ -417,17 +703,26 @@ postfix_run() {
     fi
 
     # Verify from the Postfix log: every message accepted (cleanup saw it)
-    # and relayed to the sink.
+    # and relayed to the sink; and from the sink: exactly as many arrived.
     if [ "$status" = ok ]; then
         for ((i = 0; i < 50; i++)); do
             n_in=$(log_count "$off" 'postfix/cleanup\[[0-9]+\]: [0-9A-Za-z]+: message-id=')
             n_sent=$(log_count "$off" "to=<$RCPT>, relay=.*status=sent")
-            [ "$n_in" -ge "$BENCH_MESSAGES" ] && [ "$n_sent" -ge "$BENCH_MESSAGES" ] && break
+            [ "$n_in" -ge "$msgs" ] && [ "$n_sent" -ge "$msgs" ] && break
             sleep 0.2
         done
-        if [ "$n_in" -ne "$BENCH_MESSAGES" ] || [ "$n_sent" -ne "$BENCH_MESSAGES" ]; then
-            status="Postfix log shows $n_in accepted, $n_sent relayed of $BENCH_MESSAGES"
+        if [ "$n_in" -ne "$msgs" ] || [ "$n_sent" -ne "$msgs" ]; then
+            status="Postfix log shows $n_in accepted, $n_sent relayed of $msgs"
         fi
+    fi
+    # Stopped, so that every connection it used has ended and been counted.
+    postfix_stop
+    sink_idle 10 || say "warning: connections to the sink still open after postfix stop"
+    read -r n sn < <(sink_counts)
+    sinkn=$((n - base))
+    sinks=$((sn - sbase))
+    if [ "$status" = ok ] && [ "$sinkn" -ne "$msgs" ]; then
+        status="the sink got $sinkn messages, $msgs were sent"
     fi
 
     if [ "$status" = ok ]; then
@@ -435,17 +730,37 @@ postfix_run() {
     else
         say "keeping $dir for inspection"
     fi
-    row postfix "$sess" "$run" "$wall" "$cpu" "$mem" "$cpud" "$drain" "$others" "$status"
+    row
 }
 
 # ------------------------------------------------------------------ main
 
-say "messages=$BENCH_MESSAGES size=$BENCH_SIZE sessions=($BENCH_SESSIONS) runs=$BENCH_RUNS" \
-    "cpus=$(nproc)"
+# The workloads, in order: the receive scenario's (BENCH_MESSAGES x BENCH_SIZE
+# for each of BENCH_SESSIONS), then the relay scenario's (BENCH_RELAY) that are
+# not already among them. Each is MESSAGES:SIZE:SESSIONS:SCENARIO.
+WORKLOADS=()
+relay_has() { [[ " $BENCH_RELAY " == *" $1 "* ]]; }
+if [ "$BENCH_MODE" != relay ]; then
+    for s in $BENCH_SESSIONS; do
+        w=$BENCH_MESSAGES:$BENCH_SIZE:$s
+        if [ "$BENCH_MODE" = all ] && relay_has "$w"; then
+            WORKLOADS+=("$w:receive+relay")
+        else
+            WORKLOADS+=("$w:receive")
+        fi
+    done
+fi
+if [ "$BENCH_MODE" != receive ]; then
+    for w in $BENCH_RELAY; do
+        dup=0
+        for x in "${WORKLOADS[@]}"; do [ "${x%:*}" = "$w" ] && dup=1; done
+        [ "$dup" -eq 0 ] && WORKLOADS+=("$w:relay")
+    done
+fi
 
-# The machine may be shared and its load drift during the benchmark, so the
-# two scenarios are interleaved (petrel run 1, Postfix run 1, petrel run 2, …)
-# rather than run one after the other: both then see the same conditions.
+say "mode=$BENCH_MODE runs=$BENCH_RUNS cpus=$NCPU loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
+say "workloads (messages:size:sessions:scenario): ${WORKLOADS[*]}"
+
 if [ "$SKIP_PETREL" != 1 ]; then
     if [ -n "${BENCH_PETREL_BIN:-}" ]; then
         PETREL=$BENCH_PETREL_BIN
@@ -455,21 +770,36 @@ if [ "$SKIP_PETREL" != 1 ]; then
         build_petrel
     fi
     check_petrel_config
-    say "Scenario A: petrel receive path on 127.0.0.1:$PETREL_PORT" \
-        "(deliveries: $PETREL_DELIVERY)"
+    [ "$BENCH_MODE" != relay ] &&
+        say "Scenario A: petrel receive path on 127.0.0.1:$PETREL_PORT" \
+            "(deliveries: $PETREL_DELIVERY)"
+    [ "$BENCH_MODE" != receive ] &&
+        say "Relay: petrel on 127.0.0.1:$PETREL_PORT routing dest.test to smtp-sink on" \
+            ":$SINK_PORT ($RELAY_CONNECTIONS connections, $RELAY_PER_CONNECTION messages" \
+            "per connection, cache $RELAY_CACHE_TIME)"
 fi
 if [ "$SKIP_POSTFIX" != 1 ]; then
-    say "Scenario B: Postfix on 127.0.0.1:$POSTFIX_PORT relaying to smtp-sink on :$SINK_PORT"
+    say "Postfix on 127.0.0.1:$POSTFIX_PORT relaying to smtp-sink on :$SINK_PORT"
     postfix_setup
 fi
-for sess in $BENCH_SESSIONS; do
+if [ "$SKIP_POSTFIX" != 1 ] || { [ "$SKIP_PETREL" != 1 ] && [ "$BENCH_MODE" != receive ]; }; then
+    sink_start
+fi
+
+# The machine may be shared and its load drift during the benchmark, so the
+# servers are interleaved (petrel run 1, Postfix run 1, petrel run 2, …)
+# rather than run one after the other: both then see the same conditions.
+# Postfix is stopped during petrel's runs.
+for w in "${WORKLOADS[@]}"; do
+    IFS=: read -r msgs size sess scen <<<"$w"
     for ((run = 1; run <= BENCH_RUNS; run++)); do
         if [ "$SKIP_PETREL" != 1 ]; then
-            petrel_run "$sess" "$run"
+            [[ "$scen" == *receive* ]] && petrel_receive "$msgs" "$size" "$sess" "$run"
+            [[ "$scen" == *relay* ]] && petrel_relay "$msgs" "$size" "$sess" "$run"
         fi
         if [ "$SKIP_POSTFIX" != 1 ]; then
-            postfix_run "$sess" "$run"
-            postfix_stop  # no idle Postfix processes during the next petrel run
+            postfix_run "$scen" "$msgs" "$size" "$sess" "$run"
+            postfix_stop  # (postfix_run stops it already; no Postfix during petrel runs)
         fi
     done
 done
@@ -477,4 +807,9 @@ cleanup
 
 report_rc=0
 "${LIB[@]}" report "$TSV" "$BUILD_DIR/results.json" || report_rc=$?
+# keep every invocation's figures: results.json is overwritten by the next one
+stamp=$(date +%Y%m%d-%H%M%S)
+mkdir -p "$BUILD_DIR/history"
+cp "$BUILD_DIR/results.json" "$BUILD_DIR/history/results-$stamp.json" 2>/dev/null || true
+cp "$TSV" "$BUILD_DIR/history/results-$stamp.tsv" 2>/dev/null || true
 exit "$report_rc"
