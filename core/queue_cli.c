@@ -251,27 +251,40 @@ qcli_put_headers(FILE *out, const char *p, size_t len)
     }
 }
 
+/* Opens the spool read-only and loads one message's envelope and content.
+ * On success the caller owns *sp (spool_close) and content (buf_reset); on
+ * failure the reason went to err and nothing is left to free. */
+static int
+qcli_load(const char *spool_dir, const char *qid, struct spool **sp,
+          const struct spool_envelope **env, struct buf *content, FILE *err)
+{
+    buf_init(content);
+    if (qcli_open(spool_dir, sp, err) < 0)
+        return -1;
+    *env = qcli_find(*sp, qid, err);
+    if (*env == NULL) {
+        spool_close(*sp);
+        return -1;
+    }
+    int r = spool_read_content(*sp, (*env)->qid, content);
+    if (r < 0) {
+        fprintf(err, "petrel: %s: cannot read the message content: %s\n", (*env)->qid,
+                strerror(-r));
+        buf_reset(content);
+        spool_close(*sp);
+        return -1;
+    }
+    return 0;
+}
+
 int
 queue_cli_show(const char *spool_dir, const char *qid, FILE *out, FILE *err)
 {
     struct spool *sp;
-    if (qcli_open(spool_dir, &sp, err) < 0)
-        return 1;
-    const struct spool_envelope *env = qcli_find(sp, qid, err);
-    if (env == NULL) {
-        spool_close(sp);
-        return 1;
-    }
+    const struct spool_envelope *env;
     struct buf content;
-    buf_init(&content);
-    int r = spool_read_content(sp, env->qid, &content);
-    if (r < 0) {
-        fprintf(err, "petrel: %s: cannot read the message content: %s\n", env->qid,
-                strerror(-r));
-        buf_reset(&content);
-        spool_close(sp);
+    if (qcli_load(spool_dir, qid, &sp, &env, &content, err) < 0)
         return 1;
-    }
     int64_t now = now_ms();
     char age[32];
     qcli_age(age, sizeof(age), now - env->arrival_ms);
@@ -344,23 +357,12 @@ int
 queue_cli_cat(const char *spool_dir, const char *qid, FILE *out, FILE *err)
 {
     struct spool *sp;
-    if (qcli_open(spool_dir, &sp, err) < 0)
-        return 1;
-    const struct spool_envelope *env = qcli_find(sp, qid, err);
-    if (env == NULL) {
-        spool_close(sp);
-        return 1;
-    }
+    const struct spool_envelope *env;
     struct buf content;
-    buf_init(&content);
+    if (qcli_load(spool_dir, qid, &sp, &env, &content, err) < 0)
+        return 1;
     int rc = 0;
-    int r = spool_read_content(sp, env->qid, &content);
-    if (r < 0) {
-        fprintf(err, "petrel: %s: cannot read the message content: %s\n", env->qid,
-                strerror(-r));
-        rc = 1;
-    } else if (fwrite(buf_ptr(&content), 1, content.len, out) != content.len ||
-               fflush(out) != 0) {
+    if (fwrite(buf_ptr(&content), 1, content.len, out) != content.len || fflush(out) != 0) {
         fprintf(err, "petrel: %s: write error: %s\n", env->qid, strerror(errno));
         rc = 1;
     }
