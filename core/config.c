@@ -928,6 +928,7 @@ enum config_sect {
     S_LOG,
     S_LISTENER,
     S_TLS,
+    S_TLS_CERT,
     S_RELAY,
     S_AUTH,
     S_DNS,
@@ -950,6 +951,7 @@ static const char *const config_sect_prefix[S_COUNT] = {
     [S_LOG] = "log",
     [S_LISTENER] = "listeners[]",
     [S_TLS] = "tls",
+    [S_TLS_CERT] = "tls.certificates[]",
     [S_RELAY] = "relay",
     [S_AUTH] = "auth",
     [S_DNS] = "dns",
@@ -1011,7 +1013,8 @@ static const char *const config_actions[] = {"accept", "tempfail", "reject", NUL
 
 static config_custom_fn config_parse_listeners, config_parse_listener_address,
     config_parse_listener_milters, config_parse_hostnames, config_parse_sources,
-    config_parse_routes, config_parse_milters, config_parse_plugins, config_parse_plugin_config;
+    config_parse_routes, config_parse_milters, config_parse_plugins, config_parse_plugin_config,
+    config_parse_tls_certificates;
 
 #define OPT(s, k, t, o) .sect = (s), .key = (k), .type = (t), .off = (o)
 #define TOP(f) offsetof(struct petrel_config, f)
@@ -1020,6 +1023,7 @@ static config_custom_fn config_parse_listeners, config_parse_listener_address,
 #define RTE(f) offsetof(struct route_config, f)
 #define MLT(f) offsetof(struct milter_config, f)
 #define PLG(f) offsetof(struct plugin_config, f)
+#define TCR(f) offsetof(struct tls_cert_config, f)
 
 /* Every key of the schema, in the order of config/petrel.yaml. */
 /* clang-format off */
@@ -1066,6 +1070,9 @@ static const struct config_option config_options[] = {
     { OPT(S_TOP, "tls", T_SECTION, 0), .sub = S_TLS },
     { OPT(S_TLS, "cert", T_STR, TOP(tls.cert)) },
     { OPT(S_TLS, "key", T_STR, TOP(tls.key)) },
+    { OPT(S_TLS, "certificates", T_CUSTOM, 0), .custom = config_parse_tls_certificates },
+    { OPT(S_TLS_CERT, "cert", T_STR, TCR(cert)), .required = true },
+    { OPT(S_TLS_CERT, "key", T_STR, TCR(key)), .required = true },
 
     { OPT(S_TOP, "relay", T_SECTION, 0), .sub = S_RELAY },
     { OPT(S_RELAY, "clients", T_CIDR_LIST, TOP(relay.clients)), .def = "127.0.0.0/8, ::1/128" },
@@ -1769,6 +1776,14 @@ config_parse_milters(struct config_ctx *cx, const struct config_node *n, void *b
 }
 
 static void
+config_parse_tls_certificates(struct config_ctx *cx, const struct config_node *n, void *base)
+{
+    struct petrel_config *c = base;
+    c->tls.certificates = config_parse_objects(cx, n, S_TLS_CERT, sizeof(*c->tls.certificates),
+                                               TCR(line), &c->tls.ncertificates);
+}
+
+static void
 config_parse_plugins(struct config_ctx *cx, const struct config_node *n, void *base)
 {
     struct petrel_config *c = base;
@@ -1916,6 +1931,19 @@ config_check_tls(struct config_ctx *cx, const struct config_node *root,
                  const struct petrel_config *c)
 {
     const struct config_node *tls = config_node_get(root, "tls");
+    if (c->tls.ncertificates > 0 && c->tls.cert == NULL) {
+        size_t mark = config_path_append(cx, ".", "tls.certificates");
+        config_err(cx, config_node_at(tls, "certificates"),
+                   "needs tls.cert and tls.key (the default certificate)");
+        config_path_pop(cx, mark);
+    }
+    if (c->delivery.tls == DELIVERY_TLS_DANE) {
+        /* refuse rather than silently downgrade an admin's DANE requirement */
+        size_t mark = config_path_append(cx, ".", "delivery.tls");
+        config_err(cx, config_node_at(config_node_get(root, "delivery"), "tls"),
+                   "dane is not supported yet (no TLSA lookups): use opportunistic or required");
+        config_path_pop(cx, mark);
+    }
     if ((c->tls.cert == NULL) == (c->tls.key == NULL))
         return;
     const char *missing = c->tls.cert == NULL ? "tls.cert" : "tls.key";
@@ -2021,6 +2049,11 @@ config_free(struct petrel_config *c)
     free(c->spool);
     free(c->tls.cert);
     free(c->tls.key);
+    for (size_t i = 0; i < c->tls.ncertificates; i++) {
+        free(c->tls.certificates[i].cert);
+        free(c->tls.certificates[i].key);
+    }
+    free(c->tls.certificates);
     free(c->auth.users_file);
     free(c->bounce.from_name);
     free(c->lua.script);
@@ -2150,6 +2183,8 @@ config_sect_base(const struct petrel_config *c, enum config_sect s, size_t index
         return index < c->nmilters ? (const void *)&c->milters[index] : NULL;
     case S_PLUGIN:
         return index < c->nplugins ? (const void *)&c->plugins[index] : NULL;
+    case S_TLS_CERT:
+        return index < c->tls.ncertificates ? (const void *)&c->tls.certificates[index] : NULL;
     default:
         return c;
     }

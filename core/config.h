@@ -93,6 +93,14 @@ struct milter_config {
     int line;
 };
 
+/* tls.certificates[]: a further certificate, served to clients whose SNI
+ * names one of its host names (tls.cert is the default). */
+struct tls_cert_config {
+    char *cert;              /* owned: PEM chain */
+    char *key;               /* owned */
+    int line;
+};
+
 struct plugin_kv {
     char *key;               /* owned */
     char *value;             /* owned (scalars only) */
@@ -121,8 +129,10 @@ struct petrel_config {
     size_t nlisteners;
 
     struct {
-        char *cert;                  /* owned or NULL */
+        char *cert;                  /* owned or NULL: PEM chain, leaf first */
         char *key;                   /* owned or NULL */
+        struct tls_cert_config *certificates; /* owned: more, chosen by SNI */
+        size_t ncertificates;
     } tls;
 
     struct {

@@ -11,23 +11,45 @@
  * delivered by the timer armed with a zero delay (libuv's delayed_error).
  * Lifetime: the conn frees itself after both handles' close callbacks ran
  * and CONN_EV_CLOSED was delivered (STYLE.md §4.3).
+ *
+ * TLS (conn_start_tls, h2o's socket.c read_bio/write_bio scheme): an SSL
+ * object with two memory BIOs. Socket bytes land in `raw` and go into the
+ * read BIO; SSL_do_handshake/SSL_read turn them into plaintext in `in`.
+ * conn_write appends plaintext to `plain`; a flush runs it through
+ * SSL_write, and whatever OpenSSL put in the write BIO (records, handshake
+ * messages, alerts) moves to `out`, which the plaintext write path sends
+ * unchanged. The engine never sees a TLS record, nor whether there are any.
  */
 #include "conn.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <uv.h>
 
 #include "log.h"
+#include "tls.h"
 #include "util.h"
 
 #define CONN_READ_CHUNK 65536
 #define CONN_OUT_HIGH_WATER (256 * 1024)
 #define CONN_CLOSE_GRACE_MS 5000
+#define CONN_TLS_READ_CHUNK 16384 /* one TLS record's plaintext at most */
+
+enum conn_tls_state {
+    CONN_TLS_OFF,       /* plaintext */
+    CONN_TLS_HANDSHAKE, /* conn_start_tls called, conn_tls_cb not yet fired */
+    CONN_TLS_ON,        /* handshake done: application data flows */
+    CONN_TLS_DEAD,      /* handshake or record layer failed: nothing flows any more */
+};
 
 struct conn {
     union {
@@ -55,6 +77,7 @@ struct conn {
     bool handles_closing;
     bool connected;             /* accepted, or outbound connect finished */
     bool defer_pending;         /* the timer delivers defer_status as CONN_EV_CONNECTED */
+    bool defer_tls;             /* ... or as the conn_tls_cb status */
     int defer_status;
     int pending_closes;
     char peer_ip[INET6_ADDRSTRLEN];
@@ -62,6 +85,17 @@ struct conn {
     int peer_port;
     int local_port;
     struct sockaddr_storage peer;
+    /* TLS (conn_start_tls) */
+    SSL *ssl;                   /* owned; NULL while plaintext */
+    BIO *rbio;                  /* owned by ssl: socket bytes for OpenSSL */
+    BIO *wbio;                  /* owned by ssl: OpenSSL's bytes for the socket */
+    struct tls_ctx *tls;        /* counted reference while ssl lives */
+    enum conn_tls_state tls_state;
+    conn_tls_cb *tls_cb;        /* borrowed; NULL once fired */
+    void *tls_arg;              /* borrowed */
+    struct buf raw;             /* owned: ciphertext read, not yet in rbio */
+    struct buf plain;           /* owned: plaintext queued, encrypted on flush */
+    char tls_err[160];
 };
 
 static size_t conn_live;
@@ -69,6 +103,10 @@ static size_t conn_live;
 static void conn_update_reading(struct conn *c);
 static void conn_start_write(struct conn *c);
 static void conn_close_handles(struct conn *c);
+static void conn_tls_on_raw(struct conn *c);
+static void conn_tls_encrypt(struct conn *c);
+static void conn_tls_drain(struct conn *c);
+static void conn_tls_done(struct conn *c, int status);
 
 static void
 conn_emit(struct conn *c, enum conn_event ev, int status)
@@ -102,7 +140,7 @@ conn_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out)
 {
     struct conn *c = h->data;
     (void)suggested;
-    out->base = buf_reserve(&c->in, CONN_READ_CHUNK);
+    out->base = buf_reserve(c->ssl != NULL ? &c->raw : &c->in, CONN_READ_CHUNK);
     out->len = CONN_READ_CHUNK;
 }
 
@@ -111,6 +149,11 @@ conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     struct conn *c = s->data;
     (void)b;
+    if (nread > 0 && c->ssl != NULL) {
+        buf_commit(&c->raw, (size_t)nread);
+        conn_tls_on_raw(c);
+        return;
+    }
     if (nread > 0) {
         buf_commit(&c->in, (size_t)nread);
         if (c->in.len > c->input_limit)
@@ -126,6 +169,12 @@ conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     conn_update_reading(c);
     if (c->closing)
         return;
+    if (c->tls_state == CONN_TLS_HANDSHAKE) {
+        snprintf(c->tls_err, sizeof(c->tls_err), "%s during the TLS handshake",
+                 nread == UV_EOF ? "connection closed" : uv_strerror((int)nread));
+        conn_tls_done(c, (int)nread);
+        return;
+    }
     if (nread == UV_EOF)
         conn_emit(c, CONN_EV_EOF, 0);
     else
@@ -179,6 +228,8 @@ conn_on_write(uv_write_t *req, int status)
         conn_emit(c, CONN_EV_ERROR, status);
         return;
     }
+    if (c->out.len == 0 && c->plain.len > 0)
+        conn_tls_encrypt(c); /* written since the flush: sent too, as without TLS */
     if (c->out.len > 0) {
         conn_start_write(c);
         return;
@@ -233,6 +284,14 @@ conn_write(struct conn *c, const void *p, size_t n)
 {
     if (c->handles_closing)
         return;
+    if (c->ssl != NULL) {
+        if (c->tls_state == CONN_TLS_DEAD)
+            return;
+        buf_append(&c->plain, p, n);
+        if (c->plain.len > CONN_OUT_HIGH_WATER)
+            conn_flush(c);
+        return;
+    }
     buf_append(&c->out, p, n);
     if (c->out.len > CONN_OUT_HIGH_WATER)
         conn_start_write(c);
@@ -241,13 +300,15 @@ conn_write(struct conn *c, const void *p, size_t n)
 void
 conn_flush(struct conn *c)
 {
+    if (c->ssl != NULL)
+        conn_tls_encrypt(c);
     conn_start_write(c);
 }
 
 size_t
 conn_pending_output(const struct conn *c)
 {
-    return c->out.len + c->inflight.len;
+    return c->out.len + c->inflight.len + c->plain.len;
 }
 
 static void
@@ -258,6 +319,11 @@ conn_on_timer(uv_timer_t *t)
         c->defer_pending = false;
         if (c->timeout_ms > 0) /* a deadline armed meanwhile still counts */
             uv_timer_start(&c->timer, conn_on_timer, c->timeout_ms, 0);
+        if (c->defer_tls) {
+            c->defer_tls = false;
+            conn_tls_done(c, c->defer_status);
+            return;
+        }
         conn_emit(c, CONN_EV_CONNECTED, c->defer_status);
         return;
     }
@@ -292,6 +358,10 @@ conn_on_close(uv_handle_t *h)
     buf_reset(&c->in);
     buf_reset(&c->out);
     buf_reset(&c->inflight);
+    buf_reset(&c->raw);
+    buf_reset(&c->plain);
+    SSL_free(c->ssl); /* frees the BIOs */
+    tls_unref(c->tls);
     conn_live--;
     free(c);
 }
@@ -321,6 +391,13 @@ conn_close(struct conn *c)
     c->closing = true;
     conn_update_reading(c);
     uv_timer_start(&c->timer, conn_on_timer, CONN_CLOSE_GRACE_MS, 0);
+    if (c->tls_state == CONN_TLS_ON) {
+        conn_tls_encrypt(c);
+        ERR_clear_error();
+        if (SSL_shutdown(c->ssl) < 0) /* queues our close_notify (RFC 8446 6.1) */
+            ERR_clear_error();
+        conn_tls_drain(c);
+    }
     conn_start_write(c);
     if (!c->writing)
         conn_close_handles(c);
@@ -360,6 +437,8 @@ bool
 conn_peer_sent_data(const struct conn *c)
 {
     if (c->in.len > 0)
+        return true;
+    if (c->ssl != NULL && (SSL_pending(c->ssl) > 0 || BIO_ctrl_pending(c->rbio) > 0))
         return true;
     uv_os_fd_t fd;
     if (uv_fileno(&c->h.handle, &fd) != 0)
@@ -540,6 +619,268 @@ conn_defer(struct conn *c)
     if (c->defer_pending)
         return;
     uv_timer_start(&c->timer, conn_on_timer, 0, 0);
+}
+
+/* ---- TLS ----------------------------------------------------------------- */
+
+/* Records why TLS failed, from SSL_get_error()'s code and the error queue. */
+static void
+conn_tls_set_error(struct conn *c, int ssl_error)
+{
+    char reason[128];
+    tls_error_text(reason, sizeof(reason));
+    if (reason[0] != '\0')
+        snprintf(c->tls_err, sizeof(c->tls_err), "%s", reason);
+    else if (ssl_error == SSL_ERROR_ZERO_RETURN)
+        snprintf(c->tls_err, sizeof(c->tls_err), "peer closed the TLS session");
+    else
+        snprintf(c->tls_err, sizeof(c->tls_err), "TLS failure (SSL error %d)", ssl_error);
+}
+
+/* Moves what OpenSSL wrote (records, alerts) to the socket queue. */
+static void
+conn_tls_drain(struct conn *c)
+{
+    size_t pending;
+    while ((pending = BIO_ctrl_pending(c->wbio)) > 0) {
+        int want = pending > INT_MAX ? INT_MAX : (int)pending;
+        char *p = buf_reserve(&c->out, (size_t)want);
+        int n = BIO_read(c->wbio, p, want);
+        if (n <= 0)
+            break;
+        buf_commit(&c->out, (size_t)n);
+    }
+}
+
+/* The handshake ended (status 0) or failed: tell the engine once. */
+static void
+conn_tls_done(struct conn *c, int status)
+{
+    c->tls_state = status == 0 ? CONN_TLS_ON : CONN_TLS_DEAD;
+    if (status != 0)
+        buf_clear(&c->plain);
+    conn_tls_cb *cb = c->tls_cb;
+    c->tls_cb = NULL;
+    if (cb != NULL && !c->closing && !c->handles_closing)
+        cb(c, status, c->tls_arg);
+}
+
+/* Encrypts the queued plaintext into `out` (nothing before the handshake
+ * finished: it waits). */
+static void
+conn_tls_encrypt(struct conn *c)
+{
+    if (c->tls_state != CONN_TLS_ON)
+        return;
+    while (c->plain.len > 0) {
+        int chunk = c->plain.len > (size_t)INT_MAX ? INT_MAX : (int)c->plain.len;
+        ERR_clear_error();
+        int n = SSL_write(c->ssl, buf_ptr(&c->plain), chunk);
+        if (n <= 0) {
+            /* a memory BIO takes everything: this is a broken session */
+            conn_tls_set_error(c, SSL_get_error(c->ssl, n));
+            c->tls_state = CONN_TLS_DEAD;
+            buf_clear(&c->plain);
+            break;
+        }
+        buf_consume(&c->plain, (size_t)n);
+    }
+    conn_tls_drain(c);
+}
+
+/* Runs the handshake and decrypts what the read BIO holds. Events: the
+ * conn_tls_cb when the handshake ends, then CONN_EV_DATA for new
+ * plaintext, CONN_EV_EOF for the peer's close_notify, CONN_EV_ERROR
+ * (UV_EPROTO) for a broken record layer. */
+static void
+conn_tls_pump(struct conn *c)
+{
+    if (c->tls_state == CONN_TLS_HANDSHAKE) {
+        ERR_clear_error();
+        int r = SSL_do_handshake(c->ssl);
+        int e = r == 1 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, r);
+        if (e != SSL_ERROR_NONE && e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+            conn_tls_set_error(c, e);
+        conn_tls_drain(c); /* our flight, or the alert that explains a failure */
+        conn_start_write(c);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+            return;
+        conn_tls_done(c, e == SSL_ERROR_NONE ? 0 : UV_EPROTO);
+        if (c->tls_state != CONN_TLS_ON || c->closing || c->handles_closing)
+            return;
+        conn_flush(c); /* output the engine queued in its callback or before */
+    }
+    if (c->tls_state != CONN_TLS_ON || c->closing)
+        return;
+    size_t before = c->in.len;
+    bool peer_closed = false;
+    bool broken = false;
+    for (;;) {
+        char *p = buf_reserve(&c->in, CONN_TLS_READ_CHUNK);
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, p, CONN_TLS_READ_CHUNK);
+        if (n > 0) {
+            buf_commit(&c->in, (size_t)n);
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+            break;
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            peer_closed = true;
+        } else {
+            conn_tls_set_error(c, e);
+            c->tls_state = CONN_TLS_DEAD;
+            broken = true;
+        }
+        break;
+    }
+    conn_tls_drain(c); /* a KeyUpdate answer, session tickets */
+    conn_start_write(c);
+    if (c->in.len > c->input_limit)
+        c->paused_full = true;
+    if (peer_closed || broken)
+        c->eof = true;
+    conn_update_reading(c);
+    if (c->in.len > before && !c->closing)
+        conn_emit(c, CONN_EV_DATA, 0);
+    if (c->closing || c->handles_closing)
+        return;
+    if (peer_closed)
+        conn_emit(c, CONN_EV_EOF, 0);
+    else if (broken)
+        conn_emit(c, CONN_EV_ERROR, UV_EPROTO);
+}
+
+/* Socket bytes arrived in `raw`: hand them to OpenSSL. */
+static void
+conn_tls_on_raw(struct conn *c)
+{
+    if (c->tls_state == CONN_TLS_DEAD) {
+        buf_clear(&c->raw);
+        return;
+    }
+    const char *p = buf_ptr(&c->raw);
+    size_t n = c->raw.len;
+    while (n > 0) {
+        int w = BIO_write(c->rbio, p, n > (size_t)INT_MAX ? INT_MAX : (int)n);
+        if (w <= 0)
+            PANIC("BIO_write to a memory BIO failed");
+        p += w;
+        n -= (size_t)w;
+    }
+    buf_clear(&c->raw);
+    conn_tls_pump(c);
+}
+
+int
+conn_start_tls(struct conn *c, struct tls_ctx *ctx, bool server, const char *name,
+               conn_tls_cb *cb, void *arg)
+{
+    if (tls_is_server(ctx) != server)
+        return UV_EINVAL;
+    if (c->ssl != NULL)
+        return UV_EALREADY;
+    if (!c->connected || c->closing || c->handles_closing || c->eof)
+        return UV_ENOTCONN;
+    char key[512];
+    const char *cache_key = NULL;
+    if (!server) {
+        int n = snprintf(key, sizeof(key), "%s[%s]:%d", name ? name : "", c->peer_ip,
+                         c->peer_port);
+        if (n > 0 && (size_t)n < sizeof(key))
+            cache_key = key;
+    }
+    SSL *ssl = tls_ssl_new(ctx, server ? NULL : name, cache_key, c->tls_err, sizeof(c->tls_err));
+    if (ssl == NULL)
+        return UV_EPROTO;
+    BIO *rbio = BIO_new(BIO_s_mem());
+    BIO *wbio = BIO_new(BIO_s_mem());
+    if (rbio == NULL || wbio == NULL) {
+        BIO_free(rbio);
+        BIO_free(wbio);
+        SSL_free(ssl);
+        return UV_ENOMEM;
+    }
+    BIO_set_mem_eof_return(rbio, -1); /* empty means "wait for more", not EOF */
+    SSL_set_bio(ssl, rbio, wbio);
+    if (server)
+        SSL_set_accept_state(ssl);
+    else
+        SSL_set_connect_state(ssl);
+    c->ssl = ssl;
+    c->rbio = rbio;
+    c->wbio = wbio;
+    c->tls = tls_ref(ctx);
+    c->tls_state = CONN_TLS_HANDSHAKE;
+    c->tls_cb = cb;
+    c->tls_arg = arg;
+    c->tls_err[0] = '\0';
+    /* RFC 3207 §5 (CVE-2011-0411): nothing received before the handshake
+     * may count as sent under TLS */
+    buf_clear(&c->in);
+    conn_update_reading(c);
+    conn_start_write(c); /* the plaintext queued before: the 220 to STARTTLS */
+    if (server)
+        return 0; /* the ClientHello will come */
+    ERR_clear_error();
+    int r = SSL_do_handshake(ssl);
+    int e = SSL_get_error(ssl, r);
+    conn_tls_drain(c);
+    conn_start_write(c);
+    if (r != 1 && e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+        conn_tls_set_error(c, e);
+        c->tls_state = CONN_TLS_DEAD;
+        c->defer_pending = true; /* the callback comes from the loop */
+        c->defer_tls = true;
+        c->defer_status = UV_EPROTO;
+        uv_timer_start(&c->timer, conn_on_timer, 0, 0);
+    }
+    return 0;
+}
+
+bool
+conn_tls_info(const struct conn *c, struct conn_tls_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (c->tls_state != CONN_TLS_ON)
+        return false;
+    SSL *ssl = c->ssl;
+    snprintf(info->version, sizeof(info->version), "%s", SSL_get_version(ssl));
+    const char *cipher = SSL_get_cipher_name(ssl);
+    snprintf(info->cipher, sizeof(info->cipher), "%s", cipher ? cipher : "unknown");
+    info->bits = SSL_get_cipher_bits(ssl, &info->alg_bits);
+    info->resumed = SSL_session_reused(ssl) == 1;
+    if (SSL_is_server(ssl)) {
+        snprintf(info->verify, sizeof(info->verify), "none");
+        const char *sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+        snprintf(info->sni, sizeof(info->sni), "%s", sni ? sni : "");
+        return true;
+    }
+    X509 *cert = SSL_get0_peer_certificate(ssl);
+    long v = SSL_get_verify_result(ssl);
+    if (cert == NULL) {
+        snprintf(info->verify, sizeof(info->verify), "no peer certificate");
+    } else if (v == X509_V_OK) {
+        info->verified = true;
+        snprintf(info->verify, sizeof(info->verify), "ok");
+    } else {
+        snprintf(info->verify, sizeof(info->verify), "%s", X509_verify_cert_error_string(v));
+    }
+    if (cert != NULL) {
+        char cn[sizeof(info->peer_cn)];
+        int n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn,
+                                          (int)sizeof(cn));
+        if (n > 0)
+            str_vis(info->peer_cn, sizeof(info->peer_cn), cn, (size_t)n);
+    }
+    return true;
+}
+
+const char *
+conn_tls_error(const struct conn *c)
+{
+    return c->tls_err;
 }
 
 const char *

@@ -1,8 +1,11 @@
 /*
- * conn — a byte stream (TCP today, TLS underneath later) with an input
+ * conn — a byte stream (TCP or unix, optionally TLS over it) with an input
  * buffer, an output queue and one deadline timer. Engines (smtp_server,
- * smtp_client) see only this header: they read the input buffer when told
- * there is new data, queue output with conn_write, and never touch libuv.
+ * smtp_client) see only this header (and tls.h to make a context): they
+ * read the input buffer when told there is new data, queue output with
+ * conn_write, and never touch libuv or OpenSSL. Once conn_start_tls() was
+ * called, conn_input() holds decrypted bytes and conn_write() encrypts: the
+ * engines' state machines do not know whether they run over TLS.
  */
 #ifndef PETREL_CONN_H
 #define PETREL_CONN_H
@@ -104,6 +107,55 @@ void conn_defer(struct conn *c);
 /* Text for a negative status from CONN_EV_CONNECTED/CONN_EV_ERROR
  * ("connection refused"); static, never NULL. */
 const char *conn_strerror(int status);
+
+/* ---- TLS ---------------------------------------------------------------- */
+
+struct tls_ctx;
+
+/* Completion of conn_start_tls: status 0 (the handshake finished; read
+ * conn_tls_info()), or < 0 (it failed: conn_tls_error() says why; the
+ * engine should close). Fires once, from a loop callback, never from
+ * conn_start_tls itself; not after conn_close(). */
+typedef void conn_tls_cb(struct conn *c, int status, void *arg);
+
+/* Switches the conn to TLS (OpenSSL over two memory BIOs): from now on the
+ * socket's bytes go through the TLS engine and conn_input() receives only
+ * decrypted data; conn_write() output is encrypted on flush. Input already
+ * buffered (plaintext received after the STARTTLS command or its 220, i.e.
+ * injected, RFC 3207 §5, CVE-2011-0411) is discarded; output queued before
+ * the call is sent in plaintext first (the 220). server: accept (ctx must
+ * be a tls_server_new() one); else connect, with name (may be NULL) as SNI
+ * and the name the certificate is checked against, and the session cache
+ * key "name[ip]:port". The conn keeps a reference on ctx. During the
+ * handshake no CONN_EV_DATA/EOF/ERROR is delivered (a failure, the peer
+ * closing included, comes as cb's status); CONN_EV_TIMEOUT still fires.
+ * Returns 0, or a negative UV error and no callback follows: UV_EINVAL (a
+ * client context for a server or the reverse), UV_EALREADY (TLS already),
+ * UV_ENOTCONN (not connected, closing or at EOF), UV_EPROTO/UV_ENOMEM
+ * (OpenSSL refused: conn_tls_error()). */
+int conn_start_tls(struct conn *c, struct tls_ctx *ctx, bool server, const char *name,
+                   conn_tls_cb *cb, void *arg) __attribute__((warn_unused_result));
+
+/* A finished handshake, as engines log it and Received headers show it. */
+struct conn_tls_info {
+    char version[16];    /* "TLSv1.3" */
+    char cipher[64];     /* "TLS_AES_256_GCM_SHA384" */
+    int bits;            /* secret bits of the cipher (256) */
+    int alg_bits;        /* bits of the algorithm (256) */
+    bool resumed;        /* an earlier session was resumed */
+    bool verified;       /* client: the peer's chain and name verified */
+    char verify[96];     /* client: "ok" or the reason ("unable to get local issuer
+                          * certificate", "hostname mismatch"); server: "none" */
+    char peer_cn[128];   /* client: the peer certificate's subject CN ("" if none) */
+    char sni[256];       /* server: the name the client asked for ("" if none) */
+};
+
+/* Fills info and returns true once the handshake finished; false before,
+ * after a failure, or without TLS (info is then zeroed). */
+bool conn_tls_info(const struct conn *c, struct conn_tls_info *info);
+/* Why the handshake (or a later TLS read) failed: static or owned by the
+ * conn, valid until the conn is freed; "" if nothing failed. */
+const char *conn_tls_error(const struct conn *c);
 
 /* Number of live conns (for shutdown). */
 size_t conn_count(void);

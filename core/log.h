@@ -4,7 +4,7 @@
  * to stderr. Field names are an interface admins grep:
  *   client from to orig_to size nrcpt relay src helo delay attempts conn_use
  *   dsn status reason session milter hook listener proto queued_as reply
- *   cmd counts file line xbind orig_to
+ *   cmd counts file line xbind orig_to tls cipher verify resumed sni peer_cn
  */
 #ifndef PETREL_LOG_H
 #define PETREL_LOG_H

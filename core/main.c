@@ -241,6 +241,8 @@ main_serve(const char *path)
     d.sched = sched_new(&d.loop, d.cfg, d.spool, d.dns, (const char (*)[46])locals, nlocals);
     free(locals);
     d.srv = smtpd_server_new(d.cfg, d.spool);
+    if (smtpd_server_tls_error(d.srv) != NULL)
+        goto out; /* a certificate that does not load: refuse to start (already logged) */
     smtpd_server_on_queued(d.srv, main_on_queued, &d);
     if (listeners_start(&d.loop, d.cfg, d.srv, &d.listeners, &err) != 0) {
         log_msg(LOG_ERR, NULL, "%s", err);

@@ -618,6 +618,7 @@ struct sched_outcome {
     const char *src;            /* local address used, or NULL */
     bool server_dsn;            /* next hop advertised DSN */
     bool lmtp;
+    const struct smtpc *smtpc;  /* the session, for its TLS log fields; or NULL */
 };
 
 /* Applies one transaction's (or a destination failure's) replies to the
@@ -702,6 +703,8 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
             log_kv(&ll, "orig_to", "<%s>", str_vis(vis, sizeof(vis), cur->orcpt,
                                                     strlen(cur->orcpt)));
         log_kv(&ll, "relay", "%s", oc->relay);
+        if (oc->smtpc != NULL)
+            smtpc_log_tls(oc->smtpc, &ll); /* tls=, cipher=, verify=, resumed= */
         const struct source_choice *sc = &oc->dest->src;
         int fam = sc->ip[SOURCE_V4][0] || !sc->ip[SOURCE_V6][0] ? SOURCE_V4 : SOURCE_V6;
         const char *src_ip = oc->src ? oc->src : sc->ip[fam][0] ? sc->ip[fam] : NULL;
@@ -957,6 +960,7 @@ sched_on_smtpc(struct smtpc *c, enum smtpc_event ev, void *arg)
             .helo = smtpc_helo(c),
             .server_dsn = smtpc_server_has_dsn(c),
             .lmtp = ss->dest->route.lmtp,
+            .smtpc = c,
         };
         sched_job_done(s, job, replies, &oc, &ss->content);
         sched_sess_clear_txn(ss);
@@ -1000,6 +1004,7 @@ sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n
         .data_init_timeout_ms = cfg->delivery.timeouts.data_init_ms,
         .data_block_timeout_ms = cfg->delivery.timeouts.data_block_ms,
         .data_end_timeout_ms = cfg->delivery.timeouts.data_end_ms,
+        .tls = cfg->delivery.tls,
     };
     ss->c = smtpc_start(s->loop, t, n, &o, sched_on_smtpc, ss);
 }

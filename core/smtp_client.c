@@ -21,6 +21,15 @@
  * (conn_write copies each piece once), the next piece when the output has
  * drained (CONN_EV_DRAINED), so a 50 MB message costs one chunk of memory.
  *
+ * STARTTLS (RFC 3207) sits between EHLO and READY: when the policy asks for
+ * TLS and the server offers it, STARTTLS → 220 → conn_start_tls() (SNI and
+ * verification name: the target's host) → EHLO again over TLS. Bytes the
+ * server sent after its 220 are discarded. Not offered: plaintext, unless
+ * the policy is `required` (then the target fails with 4.7.4 and the next
+ * one is tried). A failed handshake fails the target (4.7.5); there is no
+ * plaintext retry on that connection. Verification is reported, never
+ * enforced (opportunistic and required both accept any certificate).
+ *
  * Owns: its conn, the copy of the targets, the per-recipient results. The
  * message is borrowed from smtpc_send until DONE. Knows nothing of spool,
  * DNS or scheduling.
@@ -40,6 +49,7 @@
 #include "log.h"
 #include "reply.h"
 #include "smtp_parse.h"
+#include "tls.h"
 #include "util.h"
 
 #define SMTPC_LINE_MAX 4096   /* one reply line, CRLF included (RFC 5321 says 512) */
@@ -58,6 +68,8 @@ enum smtpc_state {
     ST_GREETING,   /* waiting for the 220 banner */
     ST_EHLO,       /* EHLO (LHLO) sent */
     ST_HELO,       /* HELO sent after a 5xx to EHLO */
+    ST_STARTTLS,   /* STARTTLS sent */
+    ST_TLS,        /* TLS handshake (conn_start_tls); EHLO follows */
     ST_READY,      /* idle between transactions */
     ST_DONE,       /* inside the DONE callback of a clean transaction */
     ST_LOCAL_DONE, /* transaction refused locally (SIZE, SMTPUTF8): DONE via conn_defer */
@@ -90,6 +102,7 @@ struct smtpc_ext {
     bool smtputf8;
     bool dsn;
     bool enhanced; /* ENHANCEDSTATUSCODES (informational) */
+    bool starttls; /* STARTTLS (RFC 3207) */
 };
 
 struct smtpc {
@@ -108,6 +121,8 @@ struct smtpc {
     bool aborted;       /* smtpc_abort: no further target, no FAILED */
     bool unusable;      /* close after the transaction instead of READY */
     bool esmtp;         /* EHLO/LHLO accepted (not HELO) */
+    bool tls_on;        /* the TLS handshake on the conn in use finished: tls_info */
+    struct conn_tls_info tls_info;
     unsigned quit_skip; /* replies to swallow before QUIT's (an RSET's) */
     struct smtpc_ext ext;
     char relay[400]; /* "host[ip]:port" */
@@ -448,6 +463,10 @@ smtpc_phase(const struct smtpc *c)
         return c->opts.lmtp ? "performing the LHLO handshake" : "performing the EHLO handshake";
     case ST_HELO:
         return "performing the HELO handshake";
+    case ST_STARTTLS:
+        return "sending STARTTLS";
+    case ST_TLS:
+        return "performing the TLS handshake";
     case ST_READY:
     case ST_DONE:
     case ST_LOCAL_DONE:
@@ -497,6 +516,12 @@ smtpc_enter(struct smtpc *c, enum smtpc_state state)
     case ST_HELO:
         smtpc_write_cmd(c, "HELO %s", smtpc_helo(c));
         break;
+    case ST_STARTTLS:
+        smtpc_write_cmd(c, "STARTTLS");
+        break;
+    case ST_TLS:
+        conn_set_timeout(c->conn, c->opts.command_timeout_ms);
+        return;
     case ST_READY:
     case ST_DONE:
         conn_set_timeout(c->conn, 0); /* idle: the caller decides how long */
@@ -609,6 +634,8 @@ smtpc_session_failed(struct smtpc *c, const struct smtpc_reply *r)
     case ST_GREETING:
     case ST_EHLO:
     case ST_HELO:
+    case ST_STARTTLS:
+    case ST_TLS:
         smtpc_target_failed(c, r, false);
         return;
     case ST_CLOSING:
@@ -726,6 +753,8 @@ smtpc_parse_ext(struct smtpc *c)
             c->ext.dsn = true;
         } else if (span_eq_ci(kw, "ENHANCEDSTATUSCODES")) {
             c->ext.enhanced = true;
+        } else if (span_eq_ci(kw, "STARTTLS")) {
+            c->ext.starttls = true;
         }
         p = nl + 1;
     }
@@ -850,6 +879,145 @@ smtpc_on_reply_txn(struct smtpc *c, const struct smtpc_reply *r)
     }
 }
 
+/* ---- STARTTLS ----------------------------------------------------------- */
+
+static bool
+smtpc_tls_required(const struct smtpc *c)
+{
+    return !c->opts.lmtp && c->opts.tls == DELIVERY_TLS_REQUIRED;
+}
+
+/* The client context: the caller's, else the process's shared one (with
+ * its session cache). NULL, with the reason in why, if it cannot be made. */
+static struct tls_ctx *
+smtpc_tls_ctx(const struct smtpc *c, char *why, size_t size)
+{
+    if (c->opts.tls_ctx != NULL)
+        return c->opts.tls_ctx;
+    char *err = NULL;
+    struct tls_ctx *t = tls_client_shared(&err);
+    if (t == NULL)
+        snprintf(why, size, "%s", err ? err : "TLS is not available here");
+    free(err);
+    return t;
+}
+
+static void
+smtpc_log_tls_established(const struct smtpc *c)
+{
+    struct log_line ll;
+    log_begin(&ll, LOG_INFO, smtpc_log_key(c));
+    log_event(&ll, "tls established");
+    log_kv(&ll, "relay", "%s", c->relay);
+    smtpc_log_tls(c, &ll);
+    if (c->tls_info.peer_cn[0])
+        log_kv(&ll, "peer_cn", "%s", c->tls_info.peer_cn);
+    log_end(&ll);
+}
+
+/* The handshake started after STARTTLS's 220 ended. */
+static void
+smtpc_on_tls(struct conn *cn, int status, void *arg)
+{
+    struct smtpc *c = arg;
+    if (cn != c->conn || c->state != ST_TLS)
+        PANIC("smtpc: TLS completion in state %d", (int)c->state);
+    if (status < 0) {
+        const char *why = conn_tls_error(cn);
+        struct smtpc_reply r;
+        smtpc_synth(&r, 451, "4.7.5", DELIV_SCOPE_CONN, "TLS handshake with %s failed: %s",
+                    c->relay, why[0] ? why : conn_strerror(status));
+        smtpc_target_failed(c, &r, false); /* never plaintext on this connection */
+        return;
+    }
+    c->tls_on = true;
+    conn_tls_info(cn, &c->tls_info);
+    smtpc_log_tls_established(c);
+    /* RFC 3207 4.2: forget the extensions; ask again under TLS */
+    memset(&c->ext, 0, sizeof(c->ext));
+    c->esmtp = false;
+    smtpc_enter(c, ST_EHLO);
+}
+
+/* The reply to STARTTLS: 220 starts the handshake; a refusal is "not
+ * offered" (plaintext, or a target failure when TLS is required). */
+static void
+smtpc_on_starttls_reply(struct smtpc *c, const struct smtpc_reply *r)
+{
+    if (r->code / 100 == 2) {
+        /* RFC 3207 5: whatever the server sent after its 220 was not
+         * protected; conn_start_tls drops it too */
+        buf_clear(conn_input(c->conn));
+        char why[160] = "";
+        struct tls_ctx *t = smtpc_tls_ctx(c, why, sizeof(why));
+        int rc = t ? conn_start_tls(c->conn, t, false, c->remote_host, smtpc_on_tls, c) : -1;
+        if (rc < 0) {
+            const char *err = t ? conn_tls_error(c->conn) : why;
+            struct smtpc_reply f;
+            smtpc_synth(&f, 451, "4.7.5", DELIV_SCOPE_CONN, "TLS handshake with %s failed: %s",
+                        c->relay, err[0] ? err : conn_strerror(rc));
+            smtpc_target_failed(c, &f, false);
+            return;
+        }
+        smtpc_enter(c, ST_TLS);
+        return;
+    }
+    if (r->code / 100 != 4 && r->code / 100 != 5) {
+        smtpc_protocol_error(c, "unexpected reply", r);
+        return;
+    }
+    char text[700];
+    smtpc_reply_format(r, text, sizeof(text));
+    if (smtpc_tls_required(c)) {
+        struct smtpc_reply f;
+        smtpc_synth(&f, 451, "4.7.4", DELIV_SCOPE_CONN,
+                    "TLS required but STARTTLS refused by %s: %s", c->relay, text);
+        smtpc_target_failed(c, &f, true);
+        return;
+    }
+    struct log_line ll;
+    log_begin(&ll, LOG_INFO, smtpc_log_key(c));
+    log_event(&ll, "starttls refused");
+    log_kv(&ll, "relay", "%s", c->relay);
+    log_kv_vis(&ll, "reply", text, strlen(text));
+    log_end(&ll);
+    smtpc_enter(c, ST_READY); /* opportunistic: on in plaintext (RFC 3207 4.1) */
+    smtpc_emit(c, SMTPC_EV_READY);
+}
+
+/* EHLO (or HELO) accepted: STARTTLS first if the policy and the server
+ * agree, else READY, or the target fails when TLS is required but not
+ * offered (RFC 3207 4.1: "TLS required" is the client's local policy). */
+static void
+smtpc_greeted(struct smtpc *c)
+{
+    bool want = !c->opts.lmtp && c->opts.tls != DELIVERY_TLS_NONE && !c->tls_on;
+    if (want && c->ext.starttls) {
+        char why[160] = "";
+        if (smtpc_tls_ctx(c, why, sizeof(why)) != NULL) {
+            smtpc_enter(c, ST_STARTTLS);
+            return;
+        }
+        if (smtpc_tls_required(c)) {
+            struct smtpc_reply f;
+            smtpc_synth(&f, 451, "4.7.5", DELIV_SCOPE_CONN, "TLS unavailable for %s: %s",
+                        c->relay, why);
+            smtpc_target_failed(c, &f, true);
+            return;
+        }
+        log_msg(LOG_WARNING, smtpc_log_key(c), "relay=%s: no TLS client context (%s): plaintext",
+                c->relay, why);
+    } else if (want && smtpc_tls_required(c)) {
+        struct smtpc_reply f;
+        smtpc_synth(&f, 451, "4.7.4", DELIV_SCOPE_CONN, "TLS required but not offered by %s",
+                    c->relay);
+        smtpc_target_failed(c, &f, true);
+        return;
+    }
+    smtpc_enter(c, ST_READY);
+    smtpc_emit(c, SMTPC_EV_READY);
+}
+
 static void
 smtpc_on_reply(struct smtpc *c, const struct smtpc_reply *r)
 {
@@ -872,8 +1040,7 @@ smtpc_on_reply(struct smtpc *c, const struct smtpc_reply *r)
         if (r->code / 100 == 2) {
             c->esmtp = true;
             smtpc_parse_ext(c);
-            smtpc_enter(c, ST_READY);
-            smtpc_emit(c, SMTPC_EV_READY);
+            smtpc_greeted(c);
         } else if (r->code / 100 == 5 && !c->opts.lmtp) {
             smtpc_enter(c, ST_HELO);
         } else if (r->code / 100 == 4 || r->code / 100 == 5) {
@@ -884,13 +1051,15 @@ smtpc_on_reply(struct smtpc *c, const struct smtpc_reply *r)
         return;
     case ST_HELO:
         if (r->code / 100 == 2) {
-            smtpc_enter(c, ST_READY);
-            smtpc_emit(c, SMTPC_EV_READY);
+            smtpc_greeted(c);
         } else if (r->code / 100 == 4 || r->code / 100 == 5) {
             smtpc_target_failed(c, r, true);
         } else {
             smtpc_protocol_error(c, "unexpected reply", r);
         }
+        return;
+    case ST_STARTTLS:
+        smtpc_on_starttls_reply(c, r);
         return;
     case ST_READY:
         smtpc_protocol_error(c, "unexpected reply", r);
@@ -917,6 +1086,7 @@ smtpc_on_reply(struct smtpc *c, const struct smtpc_reply *r)
         smtpc_on_reply_txn(c, r);
         return;
     case ST_CONNECTING:
+    case ST_TLS:
     case ST_DONE:
     case ST_LOCAL_DONE:
     case ST_CONTENT:
@@ -935,6 +1105,7 @@ smtpc_wants_reply(const struct smtpc *c)
     case ST_GREETING:
     case ST_EHLO:
     case ST_HELO:
+    case ST_STARTTLS:
     case ST_READY:
     case ST_MAIL:
     case ST_RCPT:
@@ -1195,6 +1366,8 @@ smtpc_connect(struct smtpc *c)
     smtpc_format_relay(c);
     memset(&c->ext, 0, sizeof(c->ext));
     c->esmtp = false;
+    c->tls_on = false;
+    memset(&c->tls_info, 0, sizeof(c->tls_info));
     c->local_ip[0] = '\0';
     c->rx_code = 0;
     buf_clear(&c->rx_lines);
@@ -1340,6 +1513,27 @@ const char *
 smtpc_local_ip(const struct smtpc *c)
 {
     return c->local_ip[0] != '\0' ? c->local_ip : NULL;
+}
+
+const struct conn_tls_info *
+smtpc_tls(const struct smtpc *c)
+{
+    return c->tls_on ? &c->tls_info : NULL;
+}
+
+void
+smtpc_log_tls(const struct smtpc *c, struct log_line *ll)
+{
+    if (!c->tls_on)
+        return;
+    const struct conn_tls_info *i = &c->tls_info;
+    log_kv(ll, "tls", "%s", i->version);
+    log_kv(ll, "cipher", "%s", i->cipher);
+    if (i->verified)
+        log_kv(ll, "verify", "ok");
+    else
+        log_kv(ll, "verify", "fail (%s)", i->verify);
+    log_kv(ll, "resumed", "%s", i->resumed ? "yes" : "no");
 }
 
 bool

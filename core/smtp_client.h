@@ -11,7 +11,9 @@
  * Timeouts follow RFC 5321 4.5.3.2 (options below). A dropped connection
  * or a timeout inside a transaction fails the recipients not yet answered
  * with a temporary reply ("451 4.4.2 lost connection with …").
- * TLS (STARTTLS) slots in under conn later without changing this FSM.
+ * STARTTLS (RFC 3207) per smtpc_options.tls: after EHLO, when the server
+ * offers it, then EHLO again over TLS (conn does the TLS; nothing else in
+ * the FSM changes). LMTP sessions never use TLS.
  *
  * Replies petrel makes up itself (struct smtpc_reply.local = true); RELAY is
  * smtpc_relay(), PHASE names what was awaited ("receiving the initial server
@@ -29,6 +31,10 @@
  *   451 4.5.0 inconsistent reply codes from RELAY while PHASE
  *   451 4.5.0 unexpected reply from RELAY while PHASE: <reply> (e.g. 354 to MAIL)
  *   451 4.3.2 delivery to RELAY aborted                     (smtpc_abort mid-transaction)
+ *   451 4.7.4 TLS required but not offered by RELAY       (tls: required; next target)
+ *   451 4.7.4 TLS required but STARTTLS refused by RELAY: <reply>
+ *   451 4.7.5 TLS handshake with RELAY failed: <reason>   (any policy; next target,
+ *                                                          never plaintext after it)
  *   552 5.3.4 message size N exceeds size limit M of RELAY
  *   553 5.6.7 SMTPUTF8 is required, but was not offered by RELAY
  * Protocol errors (garbage, over-long lines or replies) are temporary: the
@@ -42,10 +48,14 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "config.h"
 #include "util.h"
 
 struct uv_loop_s;
 struct smtpc;
+struct tls_ctx;
+struct conn_tls_info;
+struct log_line;
 
 struct smtpc_target {
     char host[256];                 /* for logs and Remote-MTA: "mx1.example.org" */
@@ -67,6 +77,12 @@ struct smtpc_options {
     uint64_t data_init_timeout_ms;  /* 0 → 2m (4.5.3.2.4) */
     uint64_t data_block_timeout_ms; /* 0 → 3m (4.5.3.2.5) */
     uint64_t data_end_timeout_ms;   /* 0 → 10m (4.5.3.2.6) */
+    enum delivery_tls tls;          /* STARTTLS policy (SMTP only): none (0, the zero
+                                     * value: never), opportunistic (when offered, else
+                                     * plaintext), required (else the target fails with
+                                     * 4.7.4); dane acts as opportunistic (no TLSA lookups
+                                     * yet). The certificate is never required to verify. */
+    struct tls_ctx *tls_ctx;        /* borrowed client context; NULL: tls_client_shared() */
 };
 
 /* What a failure is about (STYLE.md §6, Postfix smtp_trouble.c). */
@@ -160,6 +176,12 @@ const char *smtpc_helo(const struct smtpc *c);
 /* The local address of the connection in use ("10.0.0.1"), or NULL before
  * one is connected (logged as src=); NULL for a unix-domain socket too. */
 const char *smtpc_local_ip(const struct smtpc *c);
+/* The TLS of the connection in use (after its handshake), or NULL when it
+ * runs in plaintext; valid until the session's next connect or CLOSED. */
+const struct conn_tls_info *smtpc_tls(const struct smtpc *c);
+/* Adds the delivery log fields of that TLS (tls=TLSv1.3, cipher=…,
+ * verify=ok | fail (reason), resumed=yes|no) to ll; nothing in plaintext. */
+void smtpc_log_tls(const struct smtpc *c, struct log_line *ll);
 /* Whether the server advertised DSN (then it reports success itself). */
 bool smtpc_server_has_dsn(const struct smtpc *c);
 /* Transactions completed on this connection (those that sent MAIL). */

@@ -24,6 +24,17 @@
  * MAIL parameter > XBIND command > header. The effective choice is checked
  * with source_check_override() and stored in the spool envelope.
  *
+ * TLS (RFC 3207, RFC 8314): on a `tls: starttls` listener with a usable
+ * certificate EHLO offers STARTTLS; its 220 is flushed, every byte the
+ * client sent after the command line is discarded (command injection,
+ * CVE-2011-0411), conn_start_tls() runs the handshake (ST_TLS: nothing is
+ * parsed) and the session restarts from scratch: no EHLO name, no
+ * transaction, no XBIND (RFC 3207 4.2), STARTTLS no longer offered. On a
+ * `tls: implicit` listener the handshake comes first and the banner after
+ * it. The server context is loaded once, in smtpd_server_new(). The
+ * Received header then says ESMTPS (UTF8ESMTPS) with a Postfix-like
+ * "(using TLSv1.3 with cipher … (256/256 bits))" comment.
+ *
  * Ownership: the session owns its conn (closed when the session ends) and
  * its transaction. It is freed once the conn reported CONN_EV_CLOSED and no
  * spool commit is pending (refcount).
@@ -43,6 +54,7 @@
 #include "smtp_parse.h"
 #include "source.h"
 #include "spool.h"
+#include "tls.h"
 #include "util.h"
 
 enum smtpd_state {
@@ -54,6 +66,7 @@ enum smtpd_state {
     ST_DATA,      /* reading DATA content */
     ST_BDAT,      /* reading a BDAT chunk */
     ST_QUIT,      /* closing */
+    ST_TLS,       /* TLS handshake (implicit TLS, or after STARTTLS's 220): no parsing */
 };
 
 #define ST_BIT(s) (1u << (s))
@@ -109,6 +122,8 @@ struct smtpd_session {
     bool quitting;                       /* close after the output drains */
     bool goodbye_sent;
     bool authenticated;                  /* TODO(issue 8): set by AUTH; may use XBIND */
+    bool tls;                            /* the TLS handshake finished: tls_info holds it */
+    struct conn_tls_info tls_info;
     char helo[SMTP_HOSTNAME_MAX + 1];
     char client[80];                       /* "[ip]:port" for logs */
     struct smtpd_bind xbind;             /* XBIND command: every transaction until
@@ -122,6 +137,8 @@ struct smtpd_session {
 struct smtpd_server {
     struct petrel_config *cfg;   /* owned reference */
     struct spool *spool;         /* borrowed */
+    struct tls_ctx *tls;         /* owned reference; NULL: no certificate, or it failed */
+    char *tls_error;             /* owned: why the certificate did not load, or NULL */
     struct smtpd_session *sessions;
     size_t nsessions;
     uint64_t next_id;
@@ -133,8 +150,41 @@ struct smtpd_server {
 static void smtpd_process(struct smtpd_session *s);
 static void smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg);
 static void smtpd_send_banner(struct smtpd_session *s);
+static void smtpd_greet(struct smtpd_session *s);
 
 /* ---- server ---------------------------------------------------------- */
+
+/* Loads the certificate(s) when tls.cert is set, and says at start-up what
+ * TLS the listeners get. */
+static void
+smtpd_server_tls_init(struct smtpd_server *srv)
+{
+    const struct petrel_config *cfg = srv->cfg;
+    size_t nstarttls = 0, nimplicit = 0;
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+        if (cfg->listeners[i].tls == LISTENER_TLS_STARTTLS)
+            nstarttls++;
+        else if (cfg->listeners[i].tls == LISTENER_TLS_IMPLICIT)
+            nimplicit++;
+    }
+    if (cfg->tls.cert == NULL) {
+        if (nstarttls + nimplicit == 0) /* config refuses TLS listeners without one */
+            log_msg(LOG_INFO, NULL, "TLS: no certificate configured; STARTTLS not offered");
+        return;
+    }
+    srv->tls = tls_server_new(cfg, &srv->tls_error);
+    if (srv->tls == NULL) {
+        log_msg(LOG_ERR, NULL,
+                "TLS: %s; STARTTLS is not offered and implicit-TLS listeners close "
+                "connections",
+                srv->tls_error);
+        return;
+    }
+    log_msg(LOG_INFO, NULL,
+            "TLS: certificate %s loaded (%zu more by SNI); %zu STARTTLS and %zu implicit-TLS "
+            "listeners",
+            cfg->tls.cert, cfg->tls.ncertificates, nstarttls, nimplicit);
+}
 
 struct smtpd_server *
 smtpd_server_new(struct petrel_config *cfg, struct spool *spool)
@@ -143,7 +193,14 @@ smtpd_server_new(struct petrel_config *cfg, struct spool *spool)
     srv->cfg = config_ref(cfg);
     srv->spool = spool;
     srv->next_id = 1;
+    smtpd_server_tls_init(srv);
     return srv;
+}
+
+const char *
+smtpd_server_tls_error(const struct smtpd_server *srv)
+{
+    return srv->tls_error;
 }
 
 void
@@ -153,6 +210,8 @@ smtpd_server_free(struct smtpd_server *srv)
         return;
     if (srv->nsessions != 0)
         PANIC("smtpd_server_free with %zu live sessions", srv->nsessions);
+    tls_unref(srv->tls);
+    free(srv->tls_error);
     config_unref(srv->cfg);
     free(srv);
 }
@@ -405,7 +464,8 @@ smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg)
             log_kv(&ll, "state", "%d", (int)s->state);
             log_end(&ll);
         }
-        smtpd_reply(s, &R_TIMEOUT);
+        if (s->state != ST_TLS) /* mid-handshake there is no channel for a reply */
+            smtpd_reply(s, &R_TIMEOUT);
         smtpd_close(s);
         return;
     case CONN_EV_EOF:
@@ -428,6 +488,68 @@ smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg)
         smtpd_session_unref(s);
         return;
     }
+}
+
+/* The TLS handshake finished (implicit TLS, or after STARTTLS's 220). */
+static void
+smtpd_on_tls(struct conn *c, int status, void *arg)
+{
+    struct smtpd_session *s = arg;
+    struct log_line ll;
+    if (status < 0) {
+        smtpd_log_begin(s, &ll, LOG_INFO, "tls handshake failed", false);
+        log_kv(&ll, "client", "%s", s->client);
+        const char *why = conn_tls_error(c);
+        log_kv(&ll, "reason", "%s", why[0] ? why : conn_strerror(status));
+        log_end(&ll);
+        smtpd_close(s);
+        return;
+    }
+    s->tls = true;
+    conn_tls_info(c, &s->tls_info);
+    smtpd_log_begin(s, &ll, LOG_INFO,
+                    s->lc->tls == LISTENER_TLS_IMPLICIT ? "tls established" : "starttls", false);
+    log_kv(&ll, "client", "%s", s->client);
+    log_kv(&ll, "tls", "%s", s->tls_info.version);
+    log_kv(&ll, "cipher", "%s (%d/%d bits)", s->tls_info.cipher, s->tls_info.bits,
+           s->tls_info.alg_bits);
+    if (s->tls_info.sni[0])
+        log_kv_vis(&ll, "sni", s->tls_info.sni, strlen(s->tls_info.sni));
+    if (s->tls_info.resumed)
+        log_kv(&ll, "resumed", "yes");
+    log_end(&ll);
+    /* RFC 3207 4.2: forget everything the client said before */
+    smtpd_txn_reset(s);
+    s->helo[0] = '\0';
+    s->esmtp = false;
+    memset(&s->xbind, 0, sizeof(s->xbind));
+    if (s->lc->tls == LISTENER_TLS_IMPLICIT) {
+        smtpd_greet(s); /* RFC 8314 3.3: the banner comes under TLS */
+        return;
+    }
+    s->state = ST_CONNECTED;
+    conn_set_timeout(c, s->lc->command_timeout_ms);
+}
+
+/* Begins TLS on the session's conn; false (and the session closing) if
+ * the conn refused. */
+static bool
+smtpd_start_tls(struct smtpd_session *s)
+{
+    int r = conn_start_tls(s->conn, s->srv->tls, true, NULL, smtpd_on_tls, s);
+    if (r < 0) {
+        struct log_line ll;
+        smtpd_log_begin(s, &ll, LOG_WARNING, "tls handshake failed", false);
+        log_kv(&ll, "client", "%s", s->client);
+        log_kv(&ll, "reason", "%s", conn_tls_error(s->conn)[0] ? conn_tls_error(s->conn)
+                                                               : conn_strerror(r));
+        log_end(&ll);
+        smtpd_close(s);
+        return false;
+    }
+    s->state = ST_TLS;
+    conn_set_timeout(s->conn, s->lc->command_timeout_ms);
+    return true;
 }
 
 static void
@@ -469,22 +591,44 @@ smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, 
     log_kv(&ll, "listener", "%s", lc->name);
     log_end(&ll);
 
+    bool implicit = lc->tls == LISTENER_TLS_IMPLICIT;
+    if (refuse == NULL && srv->shutting_down)
+        refuse = &R_SHUTDOWN;
     if (refuse != NULL) {
-        smtpd_reject(s, "CONNECT", refuse, NULL);
+        /* an implicit-TLS client cannot read a plaintext reply: just close */
+        if (implicit)
+            smtpd_log_reject(s, "CONNECT", refuse, NULL);
+        else
+            smtpd_reject(s, "CONNECT", refuse, NULL);
         smtpd_close(s);
         return;
     }
-    if (srv->shutting_down) {
-        smtpd_reject(s, "CONNECT", &R_SHUTDOWN, NULL);
-        smtpd_close(s);
+    if (implicit) {
+        if (srv->tls == NULL) {
+            smtpd_log_begin(s, &ll, LOG_WARNING, "tls unavailable", false);
+            log_kv(&ll, "client", "%s", s->client);
+            log_kv(&ll, "reason", "%s", srv->tls_error ? srv->tls_error : "no certificate");
+            log_end(&ll);
+            smtpd_close(s);
+            return;
+        }
+        smtpd_start_tls(s); /* RFC 8314 3.3: TLS first; the banner follows */
         return;
     }
+    smtpd_greet(s);
+}
+
+/* The banner, unless greet_delay holds it back; refuses early talkers. */
+static void
+smtpd_greet(struct smtpd_session *s)
+{
+    const struct listener_config *lc = s->lc;
     if (lc->greet_delay_ms > 0) {
         s->state = ST_GREETING;
-        conn_set_timeout(c, lc->greet_delay_ms);
+        conn_set_timeout(s->conn, lc->greet_delay_ms);
         return;
     }
-    if (conn_peer_sent_data(c)) {
+    if (conn_peer_sent_data(s->conn)) {
         /* bytes before our banner was even sent: an early talker */
         smtpd_reject(s, "CONNECT", &R_EARLY_TALKER, NULL);
         smtpd_close(s);
@@ -492,7 +636,7 @@ smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, 
     }
     s->state = ST_CONNECTED;
     smtpd_send_banner(s);
-    conn_set_timeout(c, lc->command_timeout_ms);
+    conn_set_timeout(s->conn, lc->command_timeout_ms);
 }
 
 /* ---- XBIND ----------------------------------------------------------- */
@@ -711,6 +855,14 @@ smtpd_xbind_decide(struct smtpd_session *s)
 
 /* ---- commands -------------------------------------------------------- */
 
+/* STARTTLS is offered on starttls listeners with a loaded certificate,
+ * until TLS is on. */
+static bool
+smtpd_starttls_offered(const struct smtpd_session *s)
+{
+    return s->lc->tls == LISTENER_TLS_STARTTLS && s->srv->tls != NULL && !s->tls;
+}
+
 static void
 smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
 {
@@ -742,6 +894,8 @@ smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
     buf_append_str(&b, "250-ENHANCEDSTATUSCODES\r\n");
     buf_append_str(&b, "250-SMTPUTF8\r\n");
     buf_append_str(&b, "250-CHUNKING\r\n");
+    if (smtpd_starttls_offered(s))
+        buf_append_str(&b, "250-STARTTLS\r\n");
     if (smtpd_xbind_allowed(s))
         buf_append_str(&b, "250-XBIND\r\n");
     buf_append_str(&b, "250 DSN\r\n");
@@ -1018,10 +1172,48 @@ smtpd_cmd_simple(struct smtpd_session *s, const struct smtp_cmd *cmd)
         smtpd_reply(s, &R_HELP);
         break;
     default:
-        /* EXPN, STARTTLS, AUTH: not offered (yet) */
+        /* EXPN, AUTH: not offered (yet) */
         smtpd_reject(s, "CMD", &R_NOT_IMPL, NULL);
         break;
     }
+}
+
+/* STARTTLS (RFC 3207): after EHLO, outside a transaction, once. */
+static void
+smtpd_cmd_starttls(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    const struct reply *r = NULL;
+    if (s->lc->tls != LISTENER_TLS_STARTTLS)
+        r = s->tls ? &R_TLS_ACTIVE : &R_NOT_IMPL;
+    else if (cmd->args.len > 0)
+        r = &R_NO_ARGS;
+    else if (s->tls)
+        r = &R_TLS_ACTIVE;
+    else if (s->srv->tls == NULL)
+        r = &R_TLS_UNAVAILABLE; /* the certificate did not load */
+    else if (!s->esmtp)
+        r = &R_BAD_SEQ_EHLO;
+    else if (smtpd_in_txn(s))
+        r = &R_BAD_SEQ_STARTTLS;
+    if (r != NULL) {
+        smtpd_reject(s, "STARTTLS", r, NULL);
+        return;
+    }
+    smtpd_reply(s, &R_TLS_GO);
+    conn_flush(s->conn); /* the 220 leaves in plaintext, before the handshake */
+    struct buf *in = conn_input(s->conn);
+    if (in->len > 0) {
+        /* pipelined after STARTTLS: whoever sent it, it must not be taken
+         * as sent under TLS (RFC 3207 5, CVE-2011-0411) */
+        struct log_line ll;
+        smtpd_log_begin(s, &ll, LOG_INFO, "starttls injection discarded", false);
+        log_kv(&ll, "client", "%s", s->client);
+        log_kv(&ll, "size", "%zu", in->len);
+        log_end(&ll);
+        buf_clear(in);
+    }
+    s->skipping = false;
+    smtpd_start_tls(s);
 }
 
 /* ---- message content ------------------------------------------------- */
@@ -1080,15 +1272,30 @@ smtpd_count_received(const char *p, size_t n)
     return count;
 }
 
+/* The "with" protocol of the Received header and the queued line (RFC
+ * 3848: an S for TLS; the UTF8 prefix as Postfix writes it). */
+static const char *
+smtpd_proto(const struct smtpd_session *s)
+{
+    if (s->txn.params.smtputf8)
+        return s->tls ? "UTF8ESMTPS" : "UTF8ESMTP";
+    if (!s->esmtp)
+        return "SMTP";
+    return s->tls ? "ESMTPS" : "ESMTP";
+}
+
 static void
 smtpd_build_received(struct smtpd_session *s, struct buf *out)
 {
     const struct smtpd_txn *t = &s->txn;
-    const char *proto = t->params.smtputf8 ? "UTF8ESMTP" : s->esmtp ? "ESMTP" : "SMTP";
     char date[64];
     rfc5322_date(date, sizeof(date), now_ms() / 1000);
-    buf_printf(out, "Received: from %s ([%s])\r\n\tby %s (petrel) with %s id %s", s->helo,
-               conn_peer_ip(s->conn), s->srv->cfg->hostname, proto, t->qid);
+    buf_printf(out, "Received: from %s ([%s])\r\n", s->helo, conn_peer_ip(s->conn));
+    if (s->tls) /* as Postfix: "(using TLSv1.3 with cipher … (256/256 bits))" */
+        buf_printf(out, "\t(using %s with cipher %s (%d/%d bits))\r\n", s->tls_info.version,
+                   s->tls_info.cipher, s->tls_info.bits, s->tls_info.alg_bits);
+    buf_printf(out, "\tby %s (petrel) with %s id %s", s->srv->cfg->hostname, smtpd_proto(s),
+               t->qid);
     if (t->nrcpts == 1)
         buf_printf(out, "\r\n\tfor <%s>", t->rcpts[0].addr);
     buf_printf(out, "; %s\r\n", date);
@@ -1112,9 +1319,12 @@ smtpd_on_commit(int status, void *arg)
             smtpd_log_addr(&ll, "from", s->txn.sender);
             log_kv(&ll, "size", "%" PRIu64, s->txn.stored_size);
             log_kv(&ll, "nrcpt", "%zu", s->txn.nrcpts);
-            log_kv(&ll, "proto", "%s",
-                   s->txn.params.smtputf8 ? "UTF8ESMTP" : s->esmtp ? "ESMTP" : "SMTP");
+            log_kv(&ll, "proto", "%s", smtpd_proto(s));
             smtpd_log_addr(&ll, "helo", s->helo);
+            if (s->tls) {
+                log_kv(&ll, "tls", "%s", s->tls_info.version);
+                log_kv(&ll, "cipher", "%s", s->tls_info.cipher);
+            }
             if (s->txn.bind.ip[0])
                 smtpd_log_xbind(&ll, &s->txn.bind);
             log_end(&ll);
@@ -1313,7 +1523,7 @@ static const struct smtpd_cmd_entry smtpd_cmds[] = {
     { SMTP_VRFY, "VRFY", smtpd_cmd_simple },
     { SMTP_EXPN, "EXPN", smtpd_cmd_simple },
     { SMTP_HELP, "HELP", smtpd_cmd_simple },
-    { SMTP_STARTTLS, "STARTTLS", smtpd_cmd_simple },
+    { SMTP_STARTTLS, "STARTTLS", smtpd_cmd_starttls },
     { SMTP_AUTH, "AUTH", smtpd_cmd_simple },
     { SMTP_XBIND, "XBIND", smtpd_cmd_xbind },
 };
@@ -1353,7 +1563,7 @@ static void
 smtpd_process(struct smtpd_session *s)
 {
     while (s->conn != NULL && !s->blocked && s->state != ST_QUIT
-           && s->state != ST_GREETING) {
+           && s->state != ST_GREETING && s->state != ST_TLS) {
         struct buf *in = conn_input(s->conn);
         if (s->state == ST_DATA) {
             if (!smtpd_read_data(s))

@@ -1,6 +1,7 @@
 /*
  * smtp_server — the SMTP server session state machine (RFC 5321 with
- * PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING, DSN).
+ * PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING, DSN,
+ * STARTTLS (RFC 3207) and implicit TLS (RFC 8314)).
  * An engine: it talks to the client through conn.h and persists through
  * spool.h; it never touches libuv directly.
  */
@@ -18,8 +19,16 @@ struct spool;
 struct smtpd_server;
 
 /* Creates the server-wide state. Takes a reference on cfg; spool is
- * borrowed and must outlive the server. */
+ * borrowed and must outlive the server. Loads the TLS certificate(s) when
+ * tls.cert is set (start-up only: reads files) and logs what TLS the
+ * listeners get ("TLS: no certificate configured; STARTTLS not offered"). */
 struct smtpd_server *smtpd_server_new(struct petrel_config *cfg, struct spool *spool);
+/* Why the TLS certificate (tls.cert, tls.certificates) did not load, or
+ * NULL (loaded, or none configured). The server runs without it: STARTTLS
+ * is not offered (454 if tried) and implicit-TLS listeners close their
+ * connections; the caller may prefer to refuse to start. Valid until
+ * smtpd_server_free. */
+const char *smtpd_server_tls_error(const struct smtpd_server *srv);
 /* Frees the server; every session must have ended. NULL is a no-op. */
 void smtpd_server_free(struct smtpd_server *srv);
 

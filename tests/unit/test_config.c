@@ -146,7 +146,7 @@ static const char full_yaml[] =
     "      pool: [127.0.0.11, 127.0.0.12]\n"
     "  max_connections_per_destination: 5\n"
     "  max_messages_per_connection: 10\n"
-    "  tls: dane\n"
+    "  tls: required\n"
     "  port: 2525\n"
     "routes:\n"
     "  - domain: internal.example\n"
@@ -270,7 +270,7 @@ test_config_full_converts_every_section(void **state)
     CHECK_INT("delivery.max_connections_per_destination",
               c->delivery.max_connections_per_destination, 5);
     CHECK_INT("delivery.max_messages_per_connection", c->delivery.max_messages_per_connection, 10);
-    CHECK_INT("delivery.tls", c->delivery.tls, DELIVERY_TLS_DANE);
+    CHECK_INT("delivery.tls", c->delivery.tls, DELIVERY_TLS_REQUIRED);
     CHECK_INT("delivery.port", c->delivery.port, 2525);
 
     CHECK_INT("nroutes", c->nroutes, 3);
@@ -679,6 +679,10 @@ static const struct error_case error_cases[] = {
     { "invalid hostnames value",
       L1 "delivery:\n  hostnames: {127.0.0.1: bad..name}\n",
       "t.yaml:3:26: delivery.hostnames.127.0.0.1: \"bad..name\" is not a valid hostname\n" },
+    { "dane not supported yet",
+      L1 "delivery:\n  tls: dane\n",
+      "t.yaml:3:8: delivery.tls: dane is not supported yet (no TLSA lookups): use opportunistic "
+      "or required\n" },
     { "bad route via",
       L1 "routes:\n  - domain: example.com\n    via: smtp:[10.1.1.1]:0\n",
       "t.yaml:4:10: routes[0].via: the port must be a number from 1 to 65535\n" },

@@ -1438,6 +1438,233 @@ test_smtp_client_reply_format(void **state)
     assert_string_equal(out, "550 no ");
 }
 
+/* ---- STARTTLS ------------------------------------------------------------ */
+
+static const char t_ehlo_tls[] = "250-mx1.example.org\r\n"
+                                 "250-PIPELINING\r\n"
+                                 "250-STARTTLS\r\n"
+                                 "250 ENHANCEDSTATUSCODES\r\n";
+
+/* Connects the current conn and answers the banner and EHLO with
+ * ehlo_reply; stops there (no event checked). */
+static struct conn *
+t_greet_only(const char *ehlo_reply)
+{
+    struct conn *cn = t_conn();
+    fake_conn_complete_connect(cn, 0);
+    fake_conn_push_str(cn, "220 mx1.example.org ESMTP\r\n");
+    t_expect(cn, "EHLO client.example\r\n");
+    fake_conn_push_str(cn, ehlo_reply);
+    return cn;
+}
+
+static void
+test_smtp_client_starttls_when_offered_then_ehlo_again(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init(&e);
+    e.opts.tls = DELIVERY_TLS_OPPORTUNISTIC;
+    t_start(&e);
+    struct conn *cn = t_greet_only(t_ehlo_tls);
+    t_expect(cn, "STARTTLS\r\n");
+    t_events(&e, "");
+    t_timeout(cn, T_COMMAND_MS);
+    /* a line the server (or a man in the middle) sends behind its 220 is
+     * not trusted: it must not be taken as the reply to the next EHLO */
+    fake_conn_push_str(cn, "220 2.0.0 Ready to start TLS\r\n250 injected\r\n");
+    assert_true(fake_conn_tls_started(cn));
+    assert_false(fake_conn_tls_server(cn));
+    assert_string_equal(fake_conn_tls_name(cn), "mx1.example.org");
+    if (conn_input(cn)->len != 0)
+        fail_msg("input after 220: got %zu bytes, want 0 (discarded)", conn_input(cn)->len);
+    t_expect(cn, "");
+    t_timeout(cn, T_COMMAND_MS);
+    assert_null(smtpc_tls(e.c));
+    fake_conn_complete_tls(cn, 0, NULL, NULL);
+    t_expect(cn, "EHLO client.example\r\n");
+    t_events(&e, "");
+    /* still offered (a confused server): once is enough */
+    fake_conn_push_str(cn, t_ehlo_tls);
+    t_expect(cn, "");
+    t_events(&e, "READY");
+    const struct conn_tls_info *ti = smtpc_tls(e.c);
+    assert_non_null(ti);
+    assert_string_equal(ti->version, "TLSv1.3");
+    assert_string_equal(ti->cipher, "TLS_AES_256_GCM_SHA384");
+    /* the transaction itself is unchanged */
+    struct t_msg tm;
+    t_msg(&tm, 1, t_content);
+    t_send(&e, &tm);
+    t_expect(cn, "MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n");
+    fake_conn_push_str(cn, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
+    t_expect(cn, "Subject: hi\r\n\r\nbody\r\n.\r\n");
+    fake_conn_push_str(cn, "250 2.0.0 Ok: queued\r\n");
+    t_events(&e, "DONE READY");
+    t_reply(&e.results[0], 250, "2.0.0", "Ok: queued");
+    t_quit(&e, cn);
+}
+
+static void
+test_smtp_client_starttls_not_offered_or_refused_goes_on_in_plaintext(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *label;
+        const char *ehlo;
+        const char *starttls_reply; /* NULL: STARTTLS is not sent */
+        enum delivery_tls policy;
+    } cases[] = {
+        { "not offered", t_ehlo_plain, NULL, DELIVERY_TLS_OPPORTUNISTIC },
+        { "refused", t_ehlo_tls, "454 4.7.0 TLS not available\r\n", DELIVERY_TLS_OPPORTUNISTIC },
+        { "policy none", t_ehlo_tls, NULL, DELIVERY_TLS_NONE },
+        { "dane (no TLSA lookups yet)", t_ehlo_plain, NULL, DELIVERY_TLS_DANE },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        struct t_env e;
+        t_init(&e);
+        e.opts.tls = cases[i].policy;
+        t_start(&e);
+        struct conn *cn = t_greet_only(cases[i].ehlo);
+        if (cases[i].starttls_reply != NULL) {
+            t_expect(cn, "STARTTLS\r\n");
+            fake_conn_push_str(cn, cases[i].starttls_reply);
+        }
+        t_expect(cn, "");
+        if (strcmp(e.events, "READY") != 0)
+            fail_msg("%s: events: got \"%s\", want \"READY\"", cases[i].label, e.events);
+        e.events[0] = '\0';
+        assert_false(fake_conn_tls_started(cn));
+        assert_null(smtpc_tls(e.c));
+        t_quit(&e, cn);
+    }
+}
+
+static void
+test_smtp_client_starttls_required_fails_each_target_without_it(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init(&e);
+    e.opts.tls = DELIVERY_TLS_REQUIRED;
+    t_start(&e);
+    /* mx1 does not offer it: QUIT, next target */
+    struct conn *c1 = t_greet_only(t_ehlo_plain);
+    t_expect(c1, "QUIT\r\n");
+    t_events(&e, "");
+    assert_true(fake_conn_closing(c1));
+    fake_conn_finish_close(c1);
+    /* mx2 refuses it */
+    struct conn *c2 = t_greet_only(t_ehlo_tls);
+    t_expect(c2, "STARTTLS\r\n");
+    fake_conn_push_str(c2, "454 4.7.0 TLS not available due to temporary reason\r\n");
+    t_expect(c2, "QUIT\r\n");
+    t_closed(&e, c2, "FAILED CLOSED");
+    t_reply(&e.failure, 451, "4.7.4",
+            "TLS required but STARTTLS refused by mx2.example.org[192.0.2.8]:25: "
+            "454 4.7.0 TLS not available due to temporary reason");
+    assert_int_equal(e.failure.scope, DELIV_SCOPE_SITE);
+
+    /* only one target, which does not offer it */
+    t_init(&e);
+    e.opts.tls = DELIVERY_TLS_REQUIRED;
+    e.ntargets = 1;
+    t_start(&e);
+    c1 = t_greet_only(t_ehlo_plain);
+    t_expect(c1, "QUIT\r\n");
+    t_closed(&e, c1, "FAILED CLOSED");
+    t_reply(&e.failure, 451, "4.7.4",
+            "TLS required but not offered by mx1.example.org[192.0.2.7]:25");
+}
+
+static void
+test_smtp_client_starttls_required_and_offered_delivers_over_tls(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init(&e);
+    e.opts.tls = DELIVERY_TLS_REQUIRED;
+    t_start(&e);
+    struct conn *cn = t_greet_only(t_ehlo_tls);
+    t_expect(cn, "STARTTLS\r\n");
+    fake_conn_push_str(cn, "220 2.0.0 Ready to start TLS\r\n");
+    /* an unverifiable certificate is fine: TLS is required, not verification */
+    struct conn_tls_info info;
+    memset(&info, 0, sizeof(info));
+    snprintf(info.version, sizeof(info.version), "TLSv1.2");
+    snprintf(info.cipher, sizeof(info.cipher), "ECDHE-RSA-AES256-GCM-SHA384");
+    snprintf(info.verify, sizeof(info.verify), "self-signed certificate");
+    fake_conn_complete_tls(cn, 0, &info, NULL);
+    t_expect(cn, "EHLO client.example\r\n");
+    fake_conn_push_str(cn, t_ehlo_plain);
+    t_events(&e, "READY");
+    assert_string_equal(smtpc_tls(e.c)->version, "TLSv1.2");
+    assert_false(smtpc_tls(e.c)->verified);
+    t_quit(&e, cn);
+}
+
+static void
+test_smtp_client_tls_handshake_failure_tries_next_target_never_plaintext(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init(&e);
+    e.opts.tls = DELIVERY_TLS_OPPORTUNISTIC;
+    t_start(&e);
+    struct conn *c1 = t_greet_only(t_ehlo_tls);
+    t_expect(c1, "STARTTLS\r\n");
+    fake_conn_push_str(c1, "220 2.0.0 Ready to start TLS\r\n");
+    fake_conn_complete_tls(c1, -71, NULL, "wrong version number");
+    t_expect(c1, ""); /* no plaintext QUIT inside a broken TLS session */
+    t_events(&e, "");
+    assert_true(fake_conn_closing(c1));
+    fake_conn_finish_close(c1);
+    /* mx2: the handshake times out */
+    struct conn *c2 = t_greet_only(t_ehlo_tls);
+    t_expect(c2, "STARTTLS\r\n");
+    fake_conn_push_str(c2, "220 2.0.0 Ready to start TLS\r\n");
+    fake_conn_fire_timeout(c2);
+    t_expect(c2, "");
+    t_closed(&e, c2, "FAILED CLOSED");
+    t_reply(&e.failure, 451, "4.4.2",
+            "conversation with mx2.example.org[192.0.2.8]:25 timed out while performing the "
+            "TLS handshake");
+
+    /* one target: the handshake failure is the FAILED reply */
+    t_init(&e);
+    e.opts.tls = DELIVERY_TLS_OPPORTUNISTIC;
+    e.ntargets = 1;
+    t_start(&e);
+    c1 = t_greet_only(t_ehlo_tls);
+    t_expect(c1, "STARTTLS\r\n");
+    fake_conn_push_str(c1, "220 2.0.0 Ready to start TLS\r\n");
+    fake_conn_complete_tls(c1, -71, NULL, "wrong version number");
+    t_closed(&e, c1, "FAILED CLOSED");
+    t_reply(&e.failure, 451, "4.7.5",
+            "TLS handshake with mx1.example.org[192.0.2.7]:25 failed: wrong version number");
+}
+
+static void
+test_smtp_client_lmtp_never_uses_tls(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init(&e);
+    e.opts.lmtp = true;
+    e.opts.tls = DELIVERY_TLS_REQUIRED;
+    e.ntargets = 1;
+    t_start(&e);
+    struct conn *cn = t_conn();
+    fake_conn_complete_connect(cn, 0);
+    fake_conn_push_str(cn, "220 lmtp ready\r\n");
+    t_expect(cn, "LHLO client.example\r\n");
+    fake_conn_push_str(cn, t_ehlo_tls);
+    t_expect(cn, "");
+    t_events(&e, "READY");
+    assert_false(fake_conn_tls_started(cn));
+    t_quit(&e, cn);
+}
+
 int
 main(void)
 {
@@ -1482,6 +1709,12 @@ main(void)
         cmocka_unit_test(test_smtp_client_idle_421_or_eof_closes),
         cmocka_unit_test(test_smtp_client_quit_in_ready_and_ipv6_relay),
         cmocka_unit_test(test_smtp_client_reply_format),
+        cmocka_unit_test(test_smtp_client_starttls_when_offered_then_ehlo_again),
+        cmocka_unit_test(test_smtp_client_starttls_not_offered_or_refused_goes_on_in_plaintext),
+        cmocka_unit_test(test_smtp_client_starttls_required_fails_each_target_without_it),
+        cmocka_unit_test(test_smtp_client_starttls_required_and_offered_delivers_over_tls),
+        cmocka_unit_test(test_smtp_client_tls_handshake_failure_tries_next_target_never_plaintext),
+        cmocka_unit_test(test_smtp_client_lmtp_never_uses_tls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -13,9 +13,12 @@
 #include <cmocka.h>
 
 #include "config.h"
+#include "conn.h"
 #include "fakes/fake_conn.h"
 #include "fakes/fake_spool.h"
+#include "reply.h"
 #include "smtp_server.h"
+#include "util.h"
 
 static const char t_base_config[] =
     "hostname: mx.petrel.test\n"
@@ -881,6 +884,256 @@ test_smtp_server_xbind_header_with_bdat(void **state)
     t_finish(&e);
 }
 
+/* ---- TLS ---------------------------------------------------------------- */
+
+/* base config with listeners[0].tls set to tls, and a certificate (the fake
+ * tls_server_new "loads" anything but a path holding "unloadable") */
+static char *
+t_tls_yaml(const char *tls, const char *cert)
+{
+    return xasprintf("hostname: mx.petrel.test\n"
+                     "spool: /nonexistent\n"
+                     "log: { level: error }\n"
+                     "listeners:\n"
+                     "  - name: mx\n"
+                     "    address: 127.0.0.1:2525\n"
+                     "    tls: %s\n"
+                     "    max_message_size: 2K\n"
+                     "relay:\n"
+                     "  clients: [192.0.2.0/24]\n"
+                     "  domains: [local.test]\n"
+                     "tls: { cert: %s, key: /etc/petrel/key.pem }\n",
+                     tls, cert);
+}
+
+static void
+t_start_tls_listener(struct t_env *e, const char *tls, const char *cert)
+{
+    char *yaml = t_tls_yaml(tls, cert);
+    t_start_with(e, yaml, "203.0.113.9");
+    free(yaml);
+}
+
+static const char t_ehlo_reply_starttls[] = "250-mx.petrel.test\r\n"
+                                            "250-PIPELINING\r\n"
+                                            "250-SIZE 2048\r\n"
+                                            "250-8BITMIME\r\n"
+                                            "250-ENHANCEDSTATUSCODES\r\n"
+                                            "250-SMTPUTF8\r\n"
+                                            "250-CHUNKING\r\n"
+                                            "250-STARTTLS\r\n"
+                                            "250 DSN\r\n";
+
+/* One transaction to b@local.test; returns the stored message. */
+static const struct fake_spool_msg *
+t_queue_one(struct t_env *e, size_t index)
+{
+    fake_conn_push_str(e->c, "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n"
+                             "Subject: s\r\n\r\nb\r\n.\r\n");
+    t_expect(e, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n");
+    assert_int_equal(fake_spool_complete(e->sp, index), 1);
+    t_expect_prefix(e, "250 2.0.0 Ok: queued as ");
+    return fake_spool_msg(e->sp, index);
+}
+
+static void
+test_smtp_server_starttls_drops_injected_commands_and_restarts(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_tls_listener(&e, "starttls", "/etc/petrel/cert.pem");
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO client.example\r\n");
+    t_expect(&e, t_ehlo_reply_starttls);
+    /* CVE-2011-0411: a command pipelined behind STARTTLS must not run,
+     * neither now nor once TLS is up */
+    fake_conn_push_str(e.c, "STARTTLS\r\nMAIL FROM:<evil@example.com>\r\n");
+    t_expect(&e, "220 2.0.0 Ready to start TLS\r\n");
+    assert_true(fake_conn_tls_started(e.c));
+    assert_true(fake_conn_tls_server(e.c));
+    if (conn_input(e.c)->len != 0)
+        fail_msg("input after STARTTLS: got %zu bytes, want 0 (discarded)",
+                 conn_input(e.c)->len);
+    fake_conn_complete_tls(e.c, 0, NULL, NULL);
+    t_expect(&e, "");
+    /* RFC 3207 4.2: the session starts over, EHLO first */
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com>\r\n");
+    t_expect(&e, "503 5.5.1 Error: send HELO/EHLO first\r\n");
+    fake_conn_push_str(e.c, "EHLO client.example\r\n");
+    t_expect(&e, t_ehlo_reply_foreign); /* no STARTTLS any more */
+    fake_conn_push_str(e.c, "STARTTLS\r\n");
+    t_expect(&e, "503 5.5.1 Error: TLS already active\r\n");
+    const struct fake_spool_msg *m = t_queue_one(&e, 0);
+    assert_string_equal(m->sender, "a@example.com");
+    const char *want = "Received: from client.example ([203.0.113.9])\r\n"
+                       "\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+                       "\tby mx.petrel.test (petrel) with ESMTPS id ";
+    if (strncmp(m->content, want, strlen(want)) != 0)
+        fail_msg("Received header:\ngot:  \"%.200s\"\nwant: \"%s…\"", m->content, want);
+    assert_int_equal(fake_spool_count(e.sp), 1); /* the evil MAIL never made a message */
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_starttls_sequence_and_syntax_replies(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *label;
+        const char *before; /* commands sent first (their replies are not checked) */
+        const char *cmd;
+        const char *want;
+    } cases[] = {
+        { "before EHLO", "", "STARTTLS\r\n", "503 5.5.1 Error: send EHLO first\r\n" },
+        { "after HELO", "HELO c.example\r\n", "STARTTLS\r\n",
+          "503 5.5.1 Error: send EHLO first\r\n" },
+        { "with an argument", "EHLO c.example\r\n", "STARTTLS now\r\n",
+          "501 5.5.4 Syntax error: no arguments allowed\r\n" },
+        { "inside a transaction", "EHLO c.example\r\nMAIL FROM:<a@example.com>\r\n",
+          "STARTTLS\r\n", "503 5.5.1 Error: MAIL transaction in progress\r\n" },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        struct t_env e;
+        t_start_tls_listener(&e, "starttls", "/etc/petrel/cert.pem");
+        t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+        if (cases[i].before[0]) {
+            fake_conn_push_str(e.c, cases[i].before);
+            free(fake_conn_take_output(e.c));
+        }
+        fake_conn_push_str(e.c, cases[i].cmd);
+        char *got = fake_conn_take_output(e.c);
+        if (strcmp(got, cases[i].want) != 0)
+            fail_msg("%s: got \"%s\", want \"%s\"", cases[i].label, got, cases[i].want);
+        free(got);
+        assert_false(fake_conn_tls_started(e.c));
+        t_finish(&e);
+    }
+    /* a listener without tls: starttls does not know the command */
+    struct t_env e;
+    t_start(&e, "203.0.113.9");
+    t_ehlo_foreign(&e);
+    fake_conn_push_str(e.c, "STARTTLS\r\n");
+    t_expect(&e, "502 5.5.1 Error: command not implemented\r\n");
+    assert_false(fake_conn_tls_started(e.c));
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_starttls_handshake_failure_closes_silently(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_tls_listener(&e, "starttls", "/etc/petrel/cert.pem");
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO client.example\r\nSTARTTLS\r\n");
+    char *want = xasprintf("%s220 2.0.0 Ready to start TLS\r\n", t_ehlo_reply_starttls);
+    t_expect(&e, want);
+    free(want);
+    fake_conn_complete_tls(e.c, -71, NULL, "no shared cipher");
+    t_expect(&e, "");
+    assert_true(fake_conn_closing(e.c));
+    fake_conn_finish_close(e.c);
+    assert_int_equal(e.ended, 1);
+    smtpd_server_free(e.srv);
+    fake_spool_free(e.sp);
+    config_unref(e.cfg);
+}
+
+static void
+test_smtp_server_starttls_handshake_timeout_closes_without_a_reply(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_tls_listener(&e, "starttls", "/etc/petrel/cert.pem");
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO client.example\r\nSTARTTLS\r\n");
+    free(fake_conn_take_output(e.c));
+    fake_conn_fire_timeout(e.c);
+    t_expect(&e, ""); /* a plaintext 421 would only confuse the TLS client */
+    assert_true(fake_conn_closing(e.c));
+    fake_conn_finish_close(e.c);
+    assert_int_equal(e.ended, 1);
+    smtpd_server_free(e.srv);
+    fake_spool_free(e.sp);
+    config_unref(e.cfg);
+}
+
+static void
+test_smtp_server_implicit_tls_sends_the_banner_after_the_handshake(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_tls_listener(&e, "implicit", "/etc/petrel/cert.pem");
+    t_expect(&e, ""); /* RFC 8314 3.3: TLS first */
+    assert_true(fake_conn_tls_started(e.c));
+    assert_true(fake_conn_tls_server(e.c));
+    fake_conn_complete_tls(e.c, 0, NULL, NULL);
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO client.example\r\n");
+    t_expect(&e, t_ehlo_reply_foreign);
+    fake_conn_push_str(e.c, "STARTTLS\r\n");
+    t_expect(&e, "503 5.5.1 Error: TLS already active\r\n");
+    fake_conn_push_str(e.c, "MAIL FROM:<a@example.com> SMTPUTF8\r\nRCPT TO:<b@local.test>\r\n"
+                            "DATA\r\nSubject: s\r\n\r\nb\r\n.\r\n");
+    t_expect(&e, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n");
+    assert_int_equal(fake_spool_complete(e.sp, 0), 1);
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+    const struct fake_spool_msg *m = fake_spool_msg(e.sp, 0);
+    assert_non_null(strstr(m->content, "\tby mx.petrel.test (petrel) with UTF8ESMTPS id "));
+    t_finish(&e);
+}
+
+static void
+test_smtp_server_unloadable_certificate_disables_tls(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_start_tls_listener(&e, "starttls", "/etc/petrel/unloadable.pem");
+    assert_non_null(smtpd_server_tls_error(e.srv));
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    t_ehlo_foreign(&e); /* STARTTLS not offered */
+    fake_conn_push_str(e.c, "STARTTLS\r\n");
+    t_expect(&e, "454 4.7.0 TLS not available due to temporary reason\r\n");
+    t_finish(&e);
+    /* an implicit-TLS listener cannot talk at all: it closes */
+    t_start_tls_listener(&e, "implicit", "/etc/petrel/unloadable.pem");
+    t_expect(&e, "");
+    assert_false(fake_conn_tls_started(e.c));
+    assert_true(fake_conn_closing(e.c));
+    fake_conn_finish_close(e.c);
+    assert_int_equal(e.ended, 1);
+    smtpd_server_free(e.srv);
+    fake_spool_free(e.sp);
+    config_unref(e.cfg);
+    assert_int_equal(fake_tls_live(), 0);
+}
+
+static void
+test_smtp_server_implicit_tls_refusal_is_not_written_in_plaintext(void **state)
+{
+    (void)state;
+    struct t_env e;
+    char *yaml = t_tls_yaml("implicit", "/etc/petrel/cert.pem");
+    memset(&e, 0, sizeof(e));
+    char *errors = NULL;
+    if (config_load_string("test.yaml", yaml, strlen(yaml), &e.cfg, &errors) != 0)
+        fail_msg("config: %s", errors);
+    free(errors);
+    free(yaml);
+    e.sp = fake_spool_new();
+    e.srv = smtpd_server_new(e.cfg, e.sp);
+    e.c = fake_conn_new("203.0.113.9", 40000, "127.0.0.1");
+    smtpd_session_start(e.srv, &e.cfg->listeners[0], e.c, &R_TOO_MANY_CONNS, t_on_end, &e);
+    t_expect(&e, "");
+    assert_false(fake_conn_tls_started(e.c));
+    assert_true(fake_conn_closing(e.c));
+    fake_conn_finish_close(e.c);
+    assert_int_equal(e.ended, 1);
+    smtpd_server_free(e.srv);
+    fake_spool_free(e.sp);
+    config_unref(e.cfg);
+}
+
 int
 main(void)
 {
@@ -913,6 +1166,13 @@ main(void)
         cmocka_unit_test(test_smtp_server_xbind_header_is_removed_and_applied),
         cmocka_unit_test(test_smtp_server_xbind_header_from_foreign_client_is_removed_and_ignored),
         cmocka_unit_test(test_smtp_server_xbind_header_with_bdat),
+        cmocka_unit_test(test_smtp_server_starttls_drops_injected_commands_and_restarts),
+        cmocka_unit_test(test_smtp_server_starttls_sequence_and_syntax_replies),
+        cmocka_unit_test(test_smtp_server_starttls_handshake_failure_closes_silently),
+        cmocka_unit_test(test_smtp_server_starttls_handshake_timeout_closes_without_a_reply),
+        cmocka_unit_test(test_smtp_server_implicit_tls_sends_the_banner_after_the_handshake),
+        cmocka_unit_test(test_smtp_server_unloadable_certificate_disables_tls),
+        cmocka_unit_test(test_smtp_server_implicit_tls_refusal_is_not_written_in_plaintext),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

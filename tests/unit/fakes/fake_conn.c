@@ -3,13 +3,17 @@
 #include "fake_conn.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
 #include "buf.h"
+#include "config.h"
 #include "conn.h"
+#include "tls.h"
 #include "util.h"
 
 struct conn {
@@ -32,6 +36,15 @@ struct conn {
     bool hold;            /* conn_flush() keeps output pending */
     struct sockaddr_storage src;
     char path[108];
+    /* TLS */
+    bool tls_started;
+    bool tls_server;
+    bool tls_on;
+    char tls_name[256];
+    conn_tls_cb *tls_cb;
+    void *tls_arg;
+    struct conn_tls_info tls_info;
+    char tls_err[160];
 };
 
 static struct conn *fake_last;
@@ -380,4 +393,166 @@ fake_conn_drain(struct conn *c)
         buf_append(&c->flushed, buf_ptr(&c->out), c->out.len);
     buf_clear(&c->out);
     c->cb(c, CONN_EV_DRAINED, 0, c->arg);
+}
+
+/* ---- TLS ----------------------------------------------------------------- */
+
+struct tls_ctx {
+    int refs;
+    bool server;
+};
+
+static int fake_tls_count;
+
+static struct tls_ctx *
+fake_tls_new(bool server)
+{
+    struct tls_ctx *t = xcalloc(1, sizeof(*t));
+    t->refs = 1;
+    t->server = server;
+    fake_tls_count++;
+    return t;
+}
+
+struct tls_ctx *
+tls_server_new(const struct petrel_config *cfg, char **err)
+{
+    *err = NULL;
+    if (cfg->tls.cert == NULL || strstr(cfg->tls.cert, "unloadable") != NULL) {
+        *err = xasprintf("tls.cert %s: no such file", cfg->tls.cert ? cfg->tls.cert : "(none)");
+        return NULL;
+    }
+    return fake_tls_new(true);
+}
+
+struct tls_ctx *
+tls_client_new(char **err)
+{
+    *err = NULL;
+    return fake_tls_new(false);
+}
+
+struct tls_ctx *
+tls_client_shared(char **err)
+{
+    static struct tls_ctx shared = { .refs = 1, .server = false };
+    *err = NULL;
+    return &shared;
+}
+
+struct tls_ctx *
+tls_ref(struct tls_ctx *t)
+{
+    t->refs++;
+    return t;
+}
+
+void
+tls_unref(struct tls_ctx *t)
+{
+    if (t == NULL || --t->refs > 0)
+        return;
+    fake_tls_count--;
+    free(t);
+}
+
+bool
+tls_is_server(const struct tls_ctx *t)
+{
+    return t->server;
+}
+
+size_t
+tls_cache_count(const struct tls_ctx *t)
+{
+    (void)t;
+    return 0;
+}
+
+int
+fake_tls_live(void)
+{
+    return fake_tls_count;
+}
+
+int
+conn_start_tls(struct conn *c, struct tls_ctx *ctx, bool server, const char *name,
+               conn_tls_cb *cb, void *arg)
+{
+    if (ctx->server != server)
+        return -EINVAL;
+    if (c->tls_started)
+        return -EALREADY;
+    if (c->closing)
+        return -ENOTCONN;
+    c->tls_started = true;
+    c->tls_server = server;
+    if (!str_copy(c->tls_name, sizeof(c->tls_name), name ? name : ""))
+        PANIC("fake conn_start_tls: name too long");
+    c->tls_cb = cb;
+    c->tls_arg = arg;
+    return 0;
+}
+
+bool
+conn_tls_info(const struct conn *c, struct conn_tls_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (!c->tls_on)
+        return false;
+    *info = c->tls_info;
+    return true;
+}
+
+const char *
+conn_tls_error(const struct conn *c)
+{
+    return c->tls_err;
+}
+
+bool
+fake_conn_tls_started(const struct conn *c)
+{
+    return c->tls_started;
+}
+
+bool
+fake_conn_tls_server(const struct conn *c)
+{
+    return c->tls_server;
+}
+
+const char *
+fake_conn_tls_name(const struct conn *c)
+{
+    return c->tls_name;
+}
+
+void
+fake_conn_complete_tls(struct conn *c, int status, const struct conn_tls_info *info,
+                       const char *error)
+{
+    if (!c->tls_started || c->tls_cb == NULL)
+        PANIC("fake_conn_complete_tls: no handshake in progress");
+    conn_tls_cb *cb = c->tls_cb;
+    c->tls_cb = NULL;
+    if (status == 0) {
+        c->tls_on = true;
+        if (info != NULL) {
+            c->tls_info = *info;
+        } else {
+            memset(&c->tls_info, 0, sizeof(c->tls_info));
+            snprintf(c->tls_info.version, sizeof(c->tls_info.version), "TLSv1.3");
+            snprintf(c->tls_info.cipher, sizeof(c->tls_info.cipher), "TLS_AES_256_GCM_SHA384");
+            c->tls_info.bits = 256;
+            c->tls_info.alg_bits = 256;
+            c->tls_info.verified = !c->tls_server;
+            snprintf(c->tls_info.verify, sizeof(c->tls_info.verify), "%s",
+                     c->tls_server ? "none" : "ok");
+        }
+    } else if (!str_copy(c->tls_err, sizeof(c->tls_err), error ? error : "handshake failure")) {
+        PANIC("fake_conn_complete_tls: error text too long");
+    }
+    if (!c->closing)
+        cb(c, status, c->tls_arg);
 }

@@ -50,4 +50,22 @@ bool fake_conn_deferred(const struct conn *c);
 void fake_conn_set_hold(struct conn *c, bool hold);
 void fake_conn_drain(struct conn *c);
 
+/* TLS. conn_start_tls() records the call (it does not discard buffered
+ * input, unlike conn.c, so tests see the engine discard it itself) and
+ * waits for the test to finish the handshake. The tls.h context functions
+ * are faked too: tls_server_new() fails when tls.cert contains "unloadable",
+ * other contexts are counted dummies. */
+struct conn_tls_info;
+bool fake_conn_tls_started(const struct conn *c);
+bool fake_conn_tls_server(const struct conn *c);
+/* The client's SNI/verification name ("" for none). */
+const char *fake_conn_tls_name(const struct conn *c);
+/* Delivers the conn_tls_cb: status 0 with info (NULL: TLSv1.3,
+ * TLS_AES_256_GCM_SHA384, 256/256 bits, verified) or < 0 with error as
+ * conn_tls_error(). */
+void fake_conn_complete_tls(struct conn *c, int status, const struct conn_tls_info *info,
+                            const char *error);
+/* Live fake TLS contexts (leak checks). */
+int fake_tls_live(void);
+
 #endif
