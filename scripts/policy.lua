@@ -1,0 +1,63 @@
+-- policy.lua — petrel's default policy script (lua.script).
+--
+-- It registers no hook, so petrel behaves exactly as its built-in policy
+-- does; copy it and uncomment what you need. One Lua 5.4 state runs on the
+-- daemon's event loop. Each hook runs as a coroutine: petrel.sleep(s),
+-- petrel.dns.mx(domain) and petrel.dns.a(host) wait for their answer without
+-- blocking other sessions. A hook that raises an error, returns a bad value,
+-- or runs longer than lua.timeout is logged with this file's name and line
+-- and treated as lua.on_error (tempfail unless configured otherwise).
+-- `kill -HUP` reloads this file; if the new version fails to load, the old
+-- one stays in use. require finds modules in this file's directory.
+--
+-- Verdicts (return one, or nothing to continue):
+--   petrel.accept()
+--   petrel.reject(550, "5.7.1 text")      -- 5xx with a 5.x.y enhanced code
+--   petrel.tempfail(451, "4.7.1 text")    -- 4xx with a 4.x.y enhanced code
+-- Logging: petrel.log("info", "format %s", value)  (err, warning, info, debug)
+--
+-- Objects passed to hooks (conn, txn, msg, reply, ev) are read-only views
+-- that expire when the hook returns: keep copies of values, not the objects.
+--
+-- connect(conn)             conn.ip, conn.port, conn.local_ip, conn.listener
+-- petrel.on("connect", function(conn)
+--     if conn.ip:match("^192%.0%.2%.") then
+--         return petrel.reject(554, "5.7.1 Access denied")
+--     end
+-- end)
+--
+-- helo(conn, name)
+-- petrel.on("helo", function(conn, name)
+--     if name == "localhost" then
+--         return petrel.reject(550, "5.7.1 Bad HELO")
+--     end
+-- end)
+--
+-- auth(conn, user, password) -> true / false
+--
+-- mail_from(txn)            txn.conn, txn.from, txn.params
+-- rcpt_to(txn, rcpt)
+-- petrel.on("rcpt_to", function(txn, rcpt)
+--     local domain = rcpt:match("@(.+)$")
+--     local hosts = domain and petrel.dns.mx(domain)
+--     if not hosts then
+--         return petrel.tempfail(450, "4.1.2 Recipient domain not found")
+--     end
+-- end)
+--
+-- data(txn, msg)            msg.size, msg.headers, msg:header(name),
+--                           msg:add_header(name, value)
+-- petrel.on("data", function(txn, msg)
+--     msg:add_header("X-Policy", "checked")
+-- end)
+--
+-- xbind(conn, ip, hostname) -> true / false
+-- route(msg, rcpt)          -> "mx" | "smtp:[host]:port" | "lmtp:…"
+-- select_source(msg, destination) -> {ip = "…", hostname = "…"}
+--     (see examples/policy-routing.lua)
+-- retry(msg, rcpt, attempt, reply) -> seconds | "bounce"
+--     (see examples/policy-greylist-retry.lua)
+-- bounce(msg, failures)     -> {subject = "…", text = "…"}
+--     failures: {{rcpt = "…", reply = {code, enhanced, text}}, …}
+-- event(ev)                 ev.type (delivered, deferred, bounced), ev.id,
+--                           ev.rcpt, ev.reply
