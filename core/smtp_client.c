@@ -37,6 +37,7 @@
 #include "smtp_client.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -1297,8 +1298,18 @@ smtpc_on_conn(struct conn *cn, enum conn_event ev, int status, void *arg)
             return;
         if (status < 0) {
             struct smtpc_reply r;
-            smtpc_synth(&r, 451, "4.4.1", DELIV_SCOPE_CONN, "connect to %s: %s", c->relay,
-                        conn_strerror(status));
+            const struct smtpc_target *t = &c->targets[c->cur];
+            char src[INET6_ADDRSTRLEN];
+            bool has_src = t->src_len > 0 ? smtpc_addr_ip(&t->src, src, sizeof(src))
+                                          : c->has_src && smtpc_addr_ip(&c->src, src, sizeof(src));
+            /* UV_E* codes are -errno on Unix; this one only comes from bind(2) */
+            if (status == -EADDRNOTAVAIL && has_src) /* the source address is gone */
+                smtpc_synth(&r, 451, "4.4.1", DELIV_SCOPE_CONN,
+                            "cannot bind to source address %s to connect to %s: %s", src,
+                            c->relay, conn_strerror(status));
+            else
+                smtpc_synth(&r, 451, "4.4.1", DELIV_SCOPE_CONN, "connect to %s: %s", c->relay,
+                            conn_strerror(status));
             smtpc_target_failed(c, &r, false);
             return;
         }
