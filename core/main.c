@@ -22,6 +22,7 @@
 #include "dns_cli.h"
 #include "listener.h"
 #include "log.h"
+#include "lua_bridge.h"
 #include "queue_cli.h"
 #include "scheduler.h"
 #include "smtp_server.h"
@@ -261,6 +262,11 @@ main_serve(const char *path)
     uv_signal_start(&d.sighup, main_on_signal, SIGHUP);
 
     sched_start(d.sched);
+    if (d.cfg->lua.script != NULL)
+        /* TODO(issue 6): load the script and call its hooks */
+        log_msg(LOG_WARNING, NULL, "lua.script %s: policy hooks are not wired into the daemon "
+                                   "yet; the script is checked by check-config but not run",
+                d.cfg->lua.script);
     log_msg(LOG_INFO, NULL, "petrel %s started (hostname %s, spool %s, %s)", PETREL_VERSION,
             d.cfg->hostname, d.cfg->spool, d.cfg->file);
     uv_run(&d.loop, UV_RUN_DEFAULT);
@@ -297,15 +303,40 @@ out:
     return rc;
 }
 
+/* Loads and compiles lua.script (syntax errors, errors at load time) on a
+ * private loop; prints "script:line: message" on failure. */
+static int
+main_check_lua(const struct petrel_config *cfg)
+{
+    if (cfg->lua.script == NULL)
+        return 0;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char *err = NULL;
+    struct plua *p = plua_open(&loop, cfg, NULL, &err);
+    int rc = 0;
+    if (p == NULL) {
+        fprintf(stderr, "%s: lua.script: %s\n", cfg->file, err ? err : "cannot load");
+        rc = 1;
+    }
+    free(err);
+    plua_close(p);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+    return rc;
+}
+
 static int
 main_check_config(const char *path)
 {
     struct petrel_config *cfg = main_load_config(path);
     if (cfg == NULL)
         return 1;
-    printf("ok\n");
+    int rc = main_check_lua(cfg);
+    if (rc == 0)
+        printf("ok\n");
     config_unref(cfg);
-    return 0;
+    return rc;
 }
 
 static int

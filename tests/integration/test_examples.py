@@ -24,3 +24,29 @@ def test_embedded_default_passes_check_config():
     r = subprocess.run([BIN, "check-config"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "ok\n"
+
+
+def test_check_config_compiles_the_lua_script(tmp_path):
+    good = os.path.join(SRC, "scripts", "policy.lua")
+    cfg = tmp_path / "lua-good.yaml"
+    cfg.write_text("listeners: [{address: \"127.0.0.1:2525\"}]\n"
+                   f"lua: {{script: \"{good}\"}}\n")
+    r = subprocess.run([BIN, "check-config", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ok\n"
+
+    bad = tmp_path / "broken.lua"
+    bad.write_text("-- a policy with a syntax error on line 3\n"
+                   "petrel.on(\"helo\", function(conn, name)\n"
+                   "  if name == then return end\n"
+                   "end)\n")
+    cfg = tmp_path / "lua-bad.yaml"
+    cfg.write_text("listeners: [{address: \"127.0.0.1:2525\"}]\n"
+                   f"lua: {{script: \"{bad}\"}}\n")
+    r = subprocess.run([BIN, "check-config", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout == ""
+    assert "broken.lua:3:" in r.stderr, r.stderr
+    assert "lua.script" in r.stderr, r.stderr
