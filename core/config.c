@@ -1937,13 +1937,6 @@ config_check_tls(struct config_ctx *cx, const struct config_node *root,
                    "needs tls.cert and tls.key (the default certificate)");
         config_path_pop(cx, mark);
     }
-    if (c->delivery.tls == DELIVERY_TLS_DANE) {
-        /* refuse rather than silently downgrade an admin's DANE requirement */
-        size_t mark = config_path_append(cx, ".", "delivery.tls");
-        config_err(cx, config_node_at(config_node_get(root, "delivery"), "tls"),
-                   "dane is not supported yet (no TLSA lookups): use opportunistic or required");
-        config_path_pop(cx, mark);
-    }
     if ((c->tls.cert == NULL) == (c->tls.key == NULL))
         return;
     const char *missing = c->tls.cert == NULL ? "tls.cert" : "tls.key";

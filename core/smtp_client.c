@@ -28,7 +28,15 @@
  * the policy is `required` (then the target fails with 4.7.4 and the next
  * one is tried). A failed handshake fails the target (4.7.5); there is no
  * plaintext retry on that connection. Verification is reported, never
- * enforced (opportunistic and required both accept any certificate).
+ * enforced (opportunistic and required both accept any certificate),
+ * except under DANE.
+ *
+ * DANE (RFC 7672): smtpc_connect starts the TLSA lookup (dane.h) for the
+ * target's host next to the connect, unless the previous target had the
+ * same host and family; smtpc_greeted waits for it in ST_DANE if needed,
+ * then the verdict decides whether STARTTLS is mandatory and which
+ * context the handshake uses (tls_client_dane: OpenSSL's DANE checks);
+ * smtpc_on_tls fails the target when a DANE handshake did not verify.
  *
  * Owns: its conn, the copy of the targets, the per-recipient results. The
  * message is borrowed from smtpc_send until DONE. Knows nothing of spool,
@@ -47,6 +55,7 @@
 
 #include "buf.h"
 #include "conn.h"
+#include "dane.h"
 #include "log.h"
 #include "reply.h"
 #include "smtp_parse.h"
@@ -71,6 +80,7 @@ enum smtpc_state {
     ST_HELO,       /* HELO sent after a 5xx to EHLO */
     ST_STARTTLS,   /* STARTTLS sent */
     ST_TLS,        /* TLS handshake (conn_start_tls); EHLO follows */
+    ST_DANE,       /* greeted; waiting for the target's DANE lookup */
     ST_READY,      /* idle between transactions */
     ST_DONE,       /* inside the DONE callback of a clean transaction */
     ST_LOCAL_DONE, /* transaction refused locally (SIZE, SMTPUTF8): DONE via conn_defer */
@@ -153,6 +163,17 @@ struct smtpc {
     bool at_bol;        /* the last content byte written was '\n' */
     unsigned transactions;
     struct buf cmd; /* owned: scratch for one command line */
+    /* DANE (opts.tls == DELIVERY_TLS_DANE) */
+    struct dane_resolvers dane_rs;
+    char dane_domain[256];      /* opts.dane_domain, "" for none */
+    struct dane_lookup *dane_q; /* owned while in flight */
+    char dane_host[256];        /* the host (and family) of the lookup or result */
+    int dane_family;
+    bool dane_done;             /* dane_status and dane_detail hold */
+    enum dane_status dane_status;
+    char dane_detail[192];
+    struct tls_ctx *dane_tls;   /* owned reference: DANE_SECURE's context, or NULL */
+    char dane_tls_err[160];     /* why dane_tls could not be made */
 };
 
 static void smtpc_enter(struct smtpc *c, enum smtpc_state state);
@@ -468,6 +489,8 @@ smtpc_phase(const struct smtpc *c)
         return "sending STARTTLS";
     case ST_TLS:
         return "performing the TLS handshake";
+    case ST_DANE:
+        return "looking up TLSA records";
     case ST_READY:
     case ST_DONE:
     case ST_LOCAL_DONE:
@@ -521,6 +544,7 @@ smtpc_enter(struct smtpc *c, enum smtpc_state state)
         smtpc_write_cmd(c, "STARTTLS");
         break;
     case ST_TLS:
+    case ST_DANE:
         conn_set_timeout(c->conn, c->opts.command_timeout_ms);
         return;
     case ST_READY:
@@ -600,6 +624,7 @@ smtpc_log_target_failure(const struct smtpc *c, const struct smtpc_reply *r)
     if (t->src_len > 0 ? smtpc_addr_ip(&t->src, src, sizeof(src))
                        : c->has_src && smtpc_addr_ip(&c->src, src, sizeof(src)))
         log_kv(&ll, "src", "%s", src);
+    smtpc_log_tls(c, &ll);
     log_kv_vis(&ll, "reason", text, strlen(text));
     log_end(&ll);
 }
@@ -637,6 +662,7 @@ smtpc_session_failed(struct smtpc *c, const struct smtpc_reply *r)
     case ST_HELO:
     case ST_STARTTLS:
     case ST_TLS:
+    case ST_DANE:
         smtpc_target_failed(c, r, false);
         return;
     case ST_CLOSING:
@@ -883,15 +909,55 @@ smtpc_on_reply_txn(struct smtpc *c, const struct smtpc_reply *r)
 /* ---- STARTTLS ----------------------------------------------------------- */
 
 static bool
-smtpc_tls_required(const struct smtpc *c)
+smtpc_dane_on(const struct smtpc *c)
 {
-    return !c->opts.lmtp && c->opts.tls == DELIVERY_TLS_REQUIRED;
+    return !c->opts.lmtp && c->opts.tls == DELIVERY_TLS_DANE;
 }
 
-/* The client context: the caller's, else the process's shared one (with
- * its session cache). NULL, with the reason in why, if it cannot be made. */
+/* The DANE verdict for the target in use, once its lookup is done. */
+static bool
+smtpc_dane_known(const struct smtpc *c, enum dane_status *st)
+{
+    if (!smtpc_dane_on(c) || !c->dane_done)
+        return false;
+    const struct smtpc_target *t = &c->targets[c->cur];
+    if (c->dane_family != t->addr.ss_family || strcmp(c->dane_host, t->host) != 0)
+        return false;
+    *st = c->dane_status;
+    return true;
+}
+
+/* TLS is mandatory: `required`, or TLSA records (RFC 7672 2.2: usable or not). */
+static bool
+smtpc_tls_required(const struct smtpc *c)
+{
+    if (c->opts.lmtp)
+        return false;
+    enum dane_status st;
+    if (smtpc_dane_known(c, &st))
+        return st == DANE_SECURE || st == DANE_UNUSABLE;
+    return c->opts.tls == DELIVERY_TLS_REQUIRED;
+}
+
+/* The DANE-authenticated handshake applies to the target in use. */
+static bool
+smtpc_dane_secure(const struct smtpc *c)
+{
+    enum dane_status st;
+    return smtpc_dane_known(c, &st) && st == DANE_SECURE;
+}
+
+/* "TLS required" or "TLS required by DANE", for the 4.7.4 replies. */
+static const char *
+smtpc_tls_required_text(const struct smtpc *c)
+{
+    return c->opts.tls == DELIVERY_TLS_DANE ? "TLS required by DANE" : "TLS required";
+}
+
+/* The caller's client context, else the process's shared one (with its
+ * session cache). NULL, with the reason in why, if it cannot be made. */
 static struct tls_ctx *
-smtpc_tls_ctx(const struct smtpc *c, char *why, size_t size)
+smtpc_tls_base(const struct smtpc *c, char *why, size_t size)
 {
     if (c->opts.tls_ctx != NULL)
         return c->opts.tls_ctx;
@@ -901,6 +967,18 @@ smtpc_tls_ctx(const struct smtpc *c, char *why, size_t size)
         snprintf(why, size, "%s", err ? err : "TLS is not available here");
     free(err);
     return t;
+}
+
+/* The context for the handshake: the DANE one for a DANE_SECURE target,
+ * else smtpc_tls_base(). */
+static struct tls_ctx *
+smtpc_tls_ctx(const struct smtpc *c, char *why, size_t size)
+{
+    if (!smtpc_dane_secure(c))
+        return smtpc_tls_base(c, why, size);
+    if (c->dane_tls == NULL)
+        snprintf(why, size, "%s", c->dane_tls_err);
+    return c->dane_tls;
 }
 
 static void
@@ -914,6 +992,79 @@ smtpc_log_tls_established(const struct smtpc *c)
     if (c->tls_info.peer_cn[0])
         log_kv(&ll, "peer_cn", "%s", c->tls_info.peer_cn);
     log_end(&ll);
+}
+
+/* Forgets the DANE lookup or verdict (another host, or the end). */
+static void
+smtpc_dane_reset(struct smtpc *c)
+{
+    dane_lookup_cancel(c->dane_q);
+    c->dane_q = NULL;
+    tls_unref(c->dane_tls);
+    c->dane_tls = NULL;
+    c->dane_done = false;
+    c->dane_host[0] = '\0';
+    c->dane_family = AF_UNSPEC;
+    c->dane_detail[0] = '\0';
+    c->dane_tls_err[0] = '\0';
+}
+
+static void smtpc_greeted(struct smtpc *c);
+
+/* The DANE lookup of the target's host ended. */
+static void
+smtpc_on_dane(struct dane_lookup *l, const struct dane_result *res, void *arg)
+{
+    struct smtpc *c = arg;
+    if (l != c->dane_q)
+        PANIC("smtpc: a DANE result for a lookup that is not ours");
+    c->dane_q = NULL;
+    c->dane_done = true;
+    c->dane_status = res->status;
+    if (!str_copy(c->dane_detail, sizeof(c->dane_detail), res->detail))
+        c->dane_detail[0] = '\0'; /* both are 192 bytes */
+    if (res->status == DANE_SECURE) {
+        char why[160] = "";
+        struct tls_ctx *base = smtpc_tls_base(c, why, sizeof(why));
+        char *err = NULL;
+        c->dane_tls = base ? tls_client_dane(base, res->tlsa, res->ntlsa, &err) : NULL;
+        if (c->dane_tls == NULL)
+            snprintf(c->dane_tls_err, sizeof(c->dane_tls_err), "%s", err ? err : why);
+        free(err);
+    }
+    if (c->state == ST_DANE)
+        smtpc_greeted(c);
+}
+
+/* Starts the DANE lookup for the target about to be connected, unless
+ * the previous target had the same host and family (its lookup or verdict
+ * is kept). An IP literal (or no name) has no TLSA base domain: insecure. */
+static void
+smtpc_dane_begin(struct smtpc *c)
+{
+    const struct smtpc_target *t = &c->targets[c->cur];
+    int family = t->addr.ss_family;
+    if (!smtpc_dane_on(c) || (family != AF_INET && family != AF_INET6))
+        return;
+    if ((c->dane_q != NULL || c->dane_done) && c->dane_family == family &&
+        strcmp(c->dane_host, t->host) == 0)
+        return;
+    smtpc_dane_reset(c);
+    if (!str_copy(c->dane_host, sizeof(c->dane_host), t->host))
+        PANIC("smtpc: host name too long");
+    c->dane_family = family;
+    unsigned char bin[16];
+    if (t->host[0] == '\0' || inet_pton(AF_INET, t->host, bin) == 1 ||
+        inet_pton(AF_INET6, t->host, bin) == 1) {
+        c->dane_done = true;
+        c->dane_status = DANE_INSECURE;
+        snprintf(c->dane_detail, sizeof(c->dane_detail), "no host name for TLSA records");
+        return;
+    }
+    unsigned port = family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)&t->addr)->sin6_port)
+                                       : ntohs(((const struct sockaddr_in *)&t->addr)->sin_port);
+    c->dane_q = dane_lookup_start(c->loop, &c->dane_rs, c->dane_domain[0] ? c->dane_domain : NULL,
+                                  t->host, port, family, smtpc_on_dane, c);
 }
 
 /* The handshake started after STARTTLS's 220 ended. */
@@ -934,6 +1085,14 @@ smtpc_on_tls(struct conn *cn, int status, void *arg)
     c->tls_on = true;
     conn_tls_info(cn, &c->tls_info);
     smtpc_log_tls_established(c);
+    if (smtpc_dane_secure(c) && !c->tls_info.verified) {
+        /* RFC 7672 2.2: no match for any usable TLSA record, no delivery */
+        struct smtpc_reply r;
+        smtpc_synth(&r, 451, "4.7.5", DELIV_SCOPE_CONN, "DANE verification failed for %s: %s",
+                    c->relay, c->tls_info.verify);
+        smtpc_target_failed(c, &r, true);
+        return;
+    }
     /* RFC 3207 4.2: forget the extensions; ask again under TLS */
     memset(&c->ext, 0, sizeof(c->ext));
     c->esmtp = false;
@@ -971,8 +1130,8 @@ smtpc_on_starttls_reply(struct smtpc *c, const struct smtpc_reply *r)
     smtpc_reply_format(r, text, sizeof(text));
     if (smtpc_tls_required(c)) {
         struct smtpc_reply f;
-        smtpc_synth(&f, 451, "4.7.4", DELIV_SCOPE_CONN,
-                    "TLS required but STARTTLS refused by %s: %s", c->relay, text);
+        smtpc_synth(&f, 451, "4.7.4", DELIV_SCOPE_CONN, "%s but STARTTLS refused by %s: %s",
+                    smtpc_tls_required_text(c), c->relay, text);
         smtpc_target_failed(c, &f, true);
         return;
     }
@@ -981,17 +1140,36 @@ smtpc_on_starttls_reply(struct smtpc *c, const struct smtpc_reply *r)
     log_event(&ll, "starttls refused");
     log_kv(&ll, "relay", "%s", c->relay);
     log_kv_vis(&ll, "reply", text, strlen(text));
+    smtpc_log_tls(c, &ll); /* dane= */
     log_end(&ll);
     smtpc_enter(c, ST_READY); /* opportunistic: on in plaintext (RFC 3207 4.1) */
     smtpc_emit(c, SMTPC_EV_READY);
 }
 
-/* EHLO (or HELO) accepted: STARTTLS first if the policy and the server
- * agree, else READY, or the target fails when TLS is required but not
- * offered (RFC 3207 4.1: "TLS required" is the client's local policy). */
+/* EHLO (or HELO) accepted: under DANE, the target's verdict first (wait
+ * for it; a failed lookup fails the target). Then STARTTLS if the policy
+ * and the server agree, else READY, or the target fails when TLS is
+ * required but not offered (RFC 3207 4.1: "TLS required" is the client's
+ * local policy; RFC 7672 2.2 makes it so when TLSA records exist). */
 static void
 smtpc_greeted(struct smtpc *c)
 {
+    const struct smtpc_target *tg = &c->targets[c->cur];
+    bool tcp = tg->addr.ss_family == AF_INET || tg->addr.ss_family == AF_INET6;
+    if (smtpc_dane_on(c) && tcp && !c->tls_on) {
+        enum dane_status st;
+        if (!smtpc_dane_known(c, &st)) {
+            smtpc_enter(c, ST_DANE); /* smtpc_on_dane comes back here */
+            return;
+        }
+        if (st == DANE_TEMPFAIL) {
+            struct smtpc_reply f;
+            smtpc_synth(&f, 451, "4.4.3", DELIV_SCOPE_CONN, "DANE TLSA lookup for %s failed: %s",
+                        c->relay, c->dane_detail);
+            smtpc_target_failed(c, &f, true);
+            return;
+        }
+    }
     bool want = !c->opts.lmtp && c->opts.tls != DELIVERY_TLS_NONE && !c->tls_on;
     if (want && c->ext.starttls) {
         char why[160] = "";
@@ -1010,8 +1188,8 @@ smtpc_greeted(struct smtpc *c)
                 c->relay, why);
     } else if (want && smtpc_tls_required(c)) {
         struct smtpc_reply f;
-        smtpc_synth(&f, 451, "4.7.4", DELIV_SCOPE_CONN, "TLS required but not offered by %s",
-                    c->relay);
+        smtpc_synth(&f, 451, "4.7.4", DELIV_SCOPE_CONN, "%s but not offered by %s",
+                    smtpc_tls_required_text(c), c->relay);
         smtpc_target_failed(c, &f, true);
         return;
     }
@@ -1088,6 +1266,7 @@ smtpc_on_reply(struct smtpc *c, const struct smtpc_reply *r)
         return;
     case ST_CONNECTING:
     case ST_TLS:
+    case ST_DANE:
     case ST_DONE:
     case ST_LOCAL_DONE:
     case ST_CONTENT:
@@ -1279,6 +1458,7 @@ smtpc_on_closed(struct smtpc *c)
         smtpc_emit(c, SMTPC_EV_FAILED);
     }
     smtpc_emit(c, SMTPC_EV_CLOSED);
+    smtpc_dane_reset(c);
     buf_reset(&c->rx_lines);
     buf_reset(&c->cmd);
     free(c->rcpts);
@@ -1400,6 +1580,7 @@ smtpc_connect(struct smtpc *c)
     if (r < 0) /* conn.h: every failure comes as CONN_EV_CONNECTED */
         PANIC("smtpc: conn_connect to %s returned %d", c->relay, r);
     smtpc_enter(c, ST_CONNECTING);
+    smtpc_dane_begin(c); /* RFC 7672: TLSA lookup while connecting */
 }
 
 /* ---- API ---------------------------------------------------------------- */
@@ -1442,6 +1623,18 @@ smtpc_start(struct uv_loop_s *loop, const struct smtpc_target *targets, size_t n
         c->has_src = true;
     }
     c->opts.src = NULL; /* use the copy */
+    if (smtpc_dane_on(c)) {
+        const char *why = dane_resolvers_init(&c->dane_rs, opts->dns_resolvers,
+                                              opts->ndns_resolvers, opts->dns_timeout_ms);
+        if (why != NULL) /* every lookup fails: TLSA lookup failure, deferral */
+            log_msg(LOG_WARNING, NULL, "dane: %s", why);
+        if (opts->dane_domain != NULL &&
+            !str_copy(c->dane_domain, sizeof(c->dane_domain), opts->dane_domain))
+            c->dane_domain[0] = '\0';
+    }
+    c->opts.dns_resolvers = NULL; /* read above only */
+    c->opts.ndns_resolvers = 0;
+    c->opts.dane_domain = NULL;
     c->cb = cb;
     c->arg = arg;
     buf_init(&c->rx_lines);
@@ -1535,16 +1728,25 @@ smtpc_tls(const struct smtpc *c)
 void
 smtpc_log_tls(const struct smtpc *c, struct log_line *ll)
 {
-    if (!c->tls_on)
-        return;
     const struct conn_tls_info *i = &c->tls_info;
-    log_kv(ll, "tls", "%s", i->version);
-    log_kv(ll, "cipher", "%s", i->cipher);
-    if (i->verified)
-        log_kv(ll, "verify", "ok");
+    if (c->tls_on) {
+        log_kv(ll, "tls", "%s", i->version);
+        log_kv(ll, "cipher", "%s", i->cipher);
+        if (i->verified)
+            log_kv(ll, "verify", "ok");
+        else
+            log_kv(ll, "verify", "fail (%s)", i->verify);
+        log_kv(ll, "resumed", "%s", i->resumed ? "yes" : "no");
+    }
+    enum dane_status st;
+    if (!smtpc_dane_known(c, &st))
+        return;
+    if (st == DANE_SECURE && c->tls_on && i->verified)
+        log_kv(ll, "dane", "verified");
+    else if (st == DANE_SECURE && c->tls_on)
+        log_kv(ll, "dane", "failed (%s)", i->verify);
     else
-        log_kv(ll, "verify", "fail (%s)", i->verify);
-    log_kv(ll, "resumed", "%s", i->resumed ? "yes" : "no");
+        log_kv(ll, "dane", "%s (%s)", dane_status_name(st), c->dane_detail);
 }
 
 bool

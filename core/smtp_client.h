@@ -35,6 +35,9 @@
  *   451 4.7.4 TLS required but STARTTLS refused by RELAY: <reply>
  *   451 4.7.5 TLS handshake with RELAY failed: <reason>   (any policy; next target,
  *                                                          never plaintext after it)
+ *   451 4.7.4 TLS required by DANE but not offered by RELAY (and "... STARTTLS refused")
+ *   451 4.7.5 DANE verification failed for RELAY: <reason>
+ *   451 4.4.3 DANE TLSA lookup for RELAY failed: <detail>
  *   552 5.3.4 message size N exceeds size limit M of RELAY
  *   553 5.6.7 SMTPUTF8 is required, but was not offered by RELAY
  * Protocol errors (garbage, over-long lines or replies) are temporary: the
@@ -80,10 +83,35 @@ struct smtpc_options {
     enum delivery_tls tls;          /* STARTTLS policy (SMTP only): none (0, the zero
                                      * value: never), opportunistic (when offered, else
                                      * plaintext), required (else the target fails with
-                                     * 4.7.4); dane acts as opportunistic (no TLSA lookups
-                                     * yet). The certificate is never required to verify. */
+                                     * 4.7.4), dane (below). Outside DANE the certificate
+                                     * is never required to verify. */
     struct tls_ctx *tls_ctx;        /* borrowed client context; NULL: tls_client_shared() */
+    /* DANE (tls = dane; RFC 7672): see "DANE" below. */
+    const char *const *dns_resolvers; /* read during smtpc_start: dns.resolvers entries
+                                       * ("ip:port"); none: /etc/resolv.conf */
+    size_t ndns_resolvers;
+    uint64_t dns_timeout_ms;        /* bound of each TLSA lookup; 0 → 5 s */
+    const char *dane_domain;        /* copied: the next-hop domain whose MX records gave
+                                     * the targets (its MX RRset must be validated too);
+                                     * NULL for a host route ("[host]") */
 };
+
+/* DANE (opts.tls = dane). Before the EHLO reply of each TCP target is
+ * acted on, dane.h looks up (in parallel with the connect) the TLSA
+ * records _port._tcp.<target host> with the AD bit of the resolver, and
+ * the MX (dane_domain) and address RRsets behind the target:
+ *   - validated usable TLSA records: STARTTLS is mandatory (not offered or
+ *     refused → 4.7.4, next target), the handshake is DANE-verified
+ *     (tls_client_dane) and a certificate matching no record fails the
+ *     target: "451 4.7.5 DANE verification failed for RELAY: <reason>";
+ *   - validated TLSA records none of which is usable: STARTTLS mandatory,
+ *     no authentication (RFC 7672 2.2);
+ *   - no TLSA records, or an answer without AD (insecure): opportunistic;
+ *   - a lookup failure (SERVFAIL, timeout): the target fails with
+ *     "451 4.4.3 DANE TLSA lookup for RELAY failed: <detail>".
+ * Targets with the same host and address family share one lookup. IP
+ * literal hosts and LMTP do not use DANE (opportunistic). Every hop's log
+ * lines carry dane= (smtpc_log_tls). */
 
 /* What a failure is about (STYLE.md §6, Postfix smtp_trouble.c). */
 enum deliv_scope {
@@ -180,7 +208,10 @@ const char *smtpc_local_ip(const struct smtpc *c);
  * runs in plaintext; valid until the session's next connect or CLOSED. */
 const struct conn_tls_info *smtpc_tls(const struct smtpc *c);
 /* Adds the delivery log fields of that TLS (tls=TLSv1.3, cipher=…,
- * verify=ok | fail (reason), resumed=yes|no) to ll; nothing in plaintext. */
+ * verify=ok | fail (reason), resumed=yes|no) to ll, nothing of that in
+ * plaintext; and under DANE, once the target's lookup is done, dane=
+ * verified | failed (reason) | secure (detail: before the handshake) |
+ * unusable (detail) | none (detail) | insecure (detail) | tempfail (detail). */
 void smtpc_log_tls(const struct smtpc *c, struct log_line *ll);
 /* Whether the server advertised DSN (then it reports success itself). */
 bool smtpc_server_has_dsn(const struct smtpc *c);

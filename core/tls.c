@@ -15,7 +15,11 @@
  * connection was made with (SSL ex_data) and tls_ssl_new() sets a cached
  * session on the next connection to the same destination.
  *
- * Owns: the SSL_CTXs, the cached SSL_SESSIONs. Contexts are refcounted; a
+ * DANE (tls_client_dane): a context per destination that shares the
+ * client SSL_CTX and carries the TLSA records; tls_ssl_new() turns them
+ * into SSL_dane_enable/SSL_dane_tlsa_add on the connection.
+ *
+ * Owns: the SSL_CTXs, the cached SSL_SESSIONs, DANE contexts' records. Contexts are refcounted; a
  * conn holds a reference while its SSL object lives, so the new-session
  * callback always finds its context.
  */
@@ -29,6 +33,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "dane.h" /* struct dane_tlsa only: no dane module code */
 #include "util.h"
 
 /* Mozilla "intermediate" for TLS 1.2; TLS 1.3 suites are OpenSSL's. */
@@ -54,6 +59,8 @@ struct tls_ctx {
     struct tls_cache_entry *cache; /* owned (client) */
     size_t ncache;
     uint64_t stamp;
+    struct dane_tlsa *tlsa; /* owned copies (DANE context); NULL otherwise */
+    size_t ntlsa;
 };
 
 static int tls_key_index = -1; /* SSL ex_data: the cache key (char *, owned) */
@@ -136,6 +143,9 @@ tls_ctx_destroy(struct tls_ctx *t)
         SSL_SESSION_free(t->cache[i].sess);
     }
     free(t->cache);
+    for (size_t i = 0; i < t->ntlsa; i++)
+        free(t->tlsa[i].data);
+    free(t->tlsa);
     free(t->ctxs);
     free(t->leafs);
     free(t);
@@ -343,7 +353,51 @@ tls_client_shared(char **err)
     return shared;
 }
 
+struct tls_ctx *
+tls_client_dane(struct tls_ctx *base, const struct dane_tlsa *tlsa, size_t n, char **err)
+{
+    *err = NULL;
+    if (base->server || n == 0) {
+        *err = xstrdup("DANE needs a client context and TLSA records");
+        return NULL;
+    }
+    struct tls_ctx *t = tls_ctx_alloc(false, 1);
+    if (SSL_CTX_up_ref(base->ctxs[0]) != 1) {
+        *err = tls_load_error("SSL_CTX_up_ref", "(client)");
+        tls_ctx_destroy(t);
+        return NULL;
+    }
+    t->ctxs[t->nctxs++] = base->ctxs[0];
+    t->tlsa = xcalloc(n, sizeof(*t->tlsa));
+    for (size_t i = 0; i < n; i++) {
+        t->tlsa[i] = tlsa[i];
+        t->tlsa[i].data = xmalloc(tlsa[i].len ? tlsa[i].len : 1);
+        memcpy(t->tlsa[i].data, tlsa[i].data, tlsa[i].len);
+    }
+    t->ntlsa = n;
+    return t;
+}
+
 /* ---- connections --------------------------------------------------------- */
+
+/* RFC 7672 3.1: DANE for this connection; name is the TLSA base domain
+ * (the MX host name), also the SNI name and the reference identifier for
+ * DANE-TA(2) chains. Returns false if OpenSSL took no record. */
+static bool
+tls_ssl_dane(SSL *ssl, const struct tls_ctx *t, const char *name)
+{
+    if (name == NULL || name[0] == '\0' || SSL_dane_enable(ssl, name) <= 0)
+        return false;
+    /* RFC 7672 3.1.1: a DANE-EE(3) match authenticates without name checks */
+    SSL_dane_set_flags(ssl, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+    size_t added = 0;
+    for (size_t i = 0; i < t->ntlsa; i++) {
+        const struct dane_tlsa *r = &t->tlsa[i];
+        if (SSL_dane_tlsa_add(ssl, r->usage, r->selector, r->mtype, r->data, r->len) > 0)
+            added++;
+    }
+    return added > 0;
+}
 
 static bool
 tls_is_ip_literal(const char *name)
@@ -363,6 +417,16 @@ tls_ssl_new(struct tls_ctx *t, const char *name, const char *cache_key, char *er
     }
     if (t->server)
         return ssl;
+    if (t->tlsa != NULL) {
+        if (!tls_ssl_dane(ssl, t, name)) {
+            tls_error_text(err, size);
+            if (err[0] == '\0')
+                snprintf(err, size, "no usable TLSA record for %s", name ? name : "(no name)");
+            SSL_free(ssl);
+            return NULL;
+        }
+        return ssl; /* no session cache: each DANE handshake is verified */
+    }
     if (name != NULL && name[0] != '\0' && tls_is_ip_literal(name)) {
         /* RFC 6066 3: no IP literals in SNI; check the certificate's IP SAN */
         if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name) != 1)

@@ -40,6 +40,20 @@ struct tls_ctx *tls_client_new(char **err) __attribute__((warn_unused_result));
  * conn holds its own reference while a connection uses it. */
 struct tls_ctx *tls_client_shared(char **err);
 
+/* A delivery context for one DANE-authenticated destination (RFC 7672):
+ * base's SSL_CTX (one more reference on it) with copies of the n TLSA
+ * records (n ≥ 1, usable per dane_tlsa_usable()). Its connections enable
+ * DANE with the name given to tls_ssl_new (SNI and TLSA base domain;
+ * SSL_dane_enable), add the records (SSL_dane_tlsa_add), skip name checks
+ * for DANE-EE(3) matches (RFC 7672 3.1.1), and neither resume nor cache
+ * sessions, so every handshake is verified afresh. The verification result
+ * comes as usual (conn_tls_info: verified, verify = "ok" or OpenSSL's
+ * reason, e.g. "no matching DANE TLSA records"). Returns a context (one
+ * reference), or NULL and *err (owned). */
+struct dane_tlsa;
+struct tls_ctx *tls_client_dane(struct tls_ctx *base, const struct dane_tlsa *tlsa, size_t n,
+                                char **err) __attribute__((warn_unused_result));
+
 /* Reference counting: a conn keeps its context alive while its SSL object
  * lives. tls_unref(NULL) is a no-op. */
 struct tls_ctx *tls_ref(struct tls_ctx *t);

@@ -679,10 +679,6 @@ static const struct error_case error_cases[] = {
     { "invalid hostnames value",
       L1 "delivery:\n  hostnames: {127.0.0.1: bad..name}\n",
       "t.yaml:3:26: delivery.hostnames.127.0.0.1: \"bad..name\" is not a valid hostname\n" },
-    { "dane not supported yet",
-      L1 "delivery:\n  tls: dane\n",
-      "t.yaml:3:8: delivery.tls: dane is not supported yet (no TLSA lookups): use opportunistic "
-      "or required\n" },
     { "bad route via",
       L1 "routes:\n  - domain: example.com\n    via: smtp:[10.1.1.1]:0\n",
       "t.yaml:4:10: routes[0].via: the port must be a number from 1 to 65535\n" },
@@ -859,6 +855,15 @@ test_config_local_source_ips_are_accepted(void **state)
                                          "  hostnames: {127.0.0.200: mta.example.com}\n");
     CHECK_INT("source_ips.n", c->delivery.source_ips.n, 3);
     CHECK_STR("source_ips[2] (normalized)", c->delivery.source_ips.v[2], "::1");
+    config_unref(c);
+}
+
+static void
+test_config_delivery_tls_dane_is_accepted(void **state)
+{
+    (void)state;
+    struct petrel_config *c = load_ok(L1 "delivery:\n  tls: dane\n");
+    CHECK_INT("delivery.tls", c->delivery.tls, DELIVERY_TLS_DANE);
     config_unref(c);
 }
 
@@ -1121,6 +1126,7 @@ main(void)
         cmocka_unit_test(test_config_collects_several_errors_in_order),
         cmocka_unit_test(test_config_error_count_is_bounded),
         cmocka_unit_test(test_config_local_source_ips_are_accepted),
+        cmocka_unit_test(test_config_delivery_tls_dane_is_accepted),
         cmocka_unit_test(test_config_parse_duration),
         cmocka_unit_test(test_config_parse_size),
         cmocka_unit_test(test_config_parse_cidr),

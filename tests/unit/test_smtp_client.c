@@ -25,6 +25,7 @@
 #include "buf.h"
 #include "conn.h"
 #include "fakes/fake_conn.h"
+#include "fakes/fake_dane.h"
 #include "log.h"
 #include "smtp_client.h"
 #include "smtp_parse.h"
@@ -1518,7 +1519,6 @@ test_smtp_client_starttls_not_offered_or_refused_goes_on_in_plaintext(void **sta
         { "not offered", t_ehlo_plain, NULL, DELIVERY_TLS_OPPORTUNISTIC },
         { "refused", t_ehlo_tls, "454 4.7.0 TLS not available\r\n", DELIVERY_TLS_OPPORTUNISTIC },
         { "policy none", t_ehlo_tls, NULL, DELIVERY_TLS_NONE },
-        { "dane (no TLSA lookups yet)", t_ehlo_plain, NULL, DELIVERY_TLS_DANE },
     };
     for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
         struct t_env e;
@@ -1665,6 +1665,271 @@ test_smtp_client_lmtp_never_uses_tls(void **state)
     t_quit(&e, cn);
 }
 
+/* ---- DANE ---------------------------------------------------------------- */
+
+/* The value smtpc_log_tls gives field name ("" if absent), in out. */
+static const char *
+t_log_field(const struct smtpc *c, const char *name, char *out, size_t size)
+{
+    struct log_line ll;
+    log_begin(&ll, LOG_INFO, NULL);
+    smtpc_log_tls(c, &ll);
+    out[0] = '\0';
+    for (size_t i = 0; i < ll.nfields; i++) {
+        if (strcmp(ll.names[i], name) == 0)
+            snprintf(out, size, "%s", ll.scratch + ll.vals[i]);
+    }
+    return out;
+}
+
+static void
+t_log_expect(const struct smtpc *c, const char *name, const char *want)
+{
+    char got[512];
+    t_log_field(c, name, got, sizeof(got));
+    if (strcmp(got, want) != 0)
+        fail_msg("log field %s: got \"%s\", want \"%s\"", name, got, want);
+}
+
+static void
+t_init_dane(struct t_env *e, size_t ntargets)
+{
+    t_init(e);
+    e->opts.tls = DELIVERY_TLS_DANE;
+    e->opts.dane_domain = "example.org";
+    e->ntargets = ntargets;
+    fake_dane_reset();
+}
+
+/* The lookup started for the target just connected. */
+static struct dane_lookup *
+t_dane_lookup(const char *host)
+{
+    struct dane_lookup *l = fake_dane_last();
+    assert_non_null(l);
+    if (strcmp(fake_dane_host(l), host) != 0)
+        fail_msg("DANE lookup for \"%s\", want \"%s\"", fake_dane_host(l), host);
+    return l;
+}
+
+static void
+test_smtp_client_dane_secure_starttls_is_dane_verified(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init_dane(&e, 1);
+    t_start(&e);
+    /* the lookup runs next to the connect */
+    struct dane_lookup *l = t_dane_lookup("mx1.example.org");
+    assert_int_equal(fake_dane_port(l), 25);
+    assert_int_equal(fake_dane_family(l), AF_INET);
+    assert_string_equal(fake_dane_domain(l), "example.org");
+    /* greeted before the verdict: nothing is sent until it comes */
+    struct conn *cn = t_greet_only(t_ehlo_tls);
+    t_expect(cn, "");
+    t_events(&e, "");
+    t_timeout(cn, T_COMMAND_MS);
+    fake_dane_complete(l, DANE_SECURE, "1 usable TLSA records for _25._tcp.mx1.example.org", 1);
+    t_expect(cn, "STARTTLS\r\n");
+    t_log_expect(e.c, "dane", "secure (1 usable TLSA records for _25._tcp.mx1.example.org)");
+    fake_conn_push_str(cn, "220 2.0.0 Ready to start TLS\r\n");
+    assert_true(fake_conn_tls_started(cn));
+    if (fake_conn_tls_dane(cn) != 1)
+        fail_msg("handshake context: got %zu TLSA records, want 1", fake_conn_tls_dane(cn));
+    assert_string_equal(fake_conn_tls_name(cn), "mx1.example.org");
+    fake_conn_complete_tls(cn, 0, NULL, NULL); /* verified */
+    t_expect(cn, "EHLO client.example\r\n");
+    fake_conn_push_str(cn, t_ehlo_plain);
+    t_events(&e, "READY");
+    t_log_expect(e.c, "dane", "verified");
+    t_log_expect(e.c, "verify", "ok");
+    t_quit(&e, cn);
+    assert_null(fake_dane_last());
+    assert_int_equal(fake_tls_live(), 0);
+}
+
+static void
+test_smtp_client_dane_mismatch_fails_the_target(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init_dane(&e, 1);
+    t_start(&e);
+    struct dane_lookup *l = t_dane_lookup("mx1.example.org");
+    fake_dane_complete(l, DANE_SECURE, "2 usable TLSA records", 2);
+    struct conn *cn = t_greet_only(t_ehlo_tls); /* the verdict came first */
+    t_expect(cn, "STARTTLS\r\n");
+    fake_conn_push_str(cn, "220 2.0.0 Ready to start TLS\r\n");
+    assert_int_equal(fake_conn_tls_dane(cn), 2);
+    struct conn_tls_info info;
+    memset(&info, 0, sizeof(info));
+    snprintf(info.version, sizeof(info.version), "TLSv1.3");
+    snprintf(info.cipher, sizeof(info.cipher), "TLS_AES_128_GCM_SHA256");
+    snprintf(info.verify, sizeof(info.verify), "no matching DANE TLSA records");
+    fake_conn_complete_tls(cn, 0, &info, NULL);
+    t_log_expect(e.c, "dane", "failed (no matching DANE TLSA records)");
+    t_expect(cn, "QUIT\r\n"); /* over TLS; no EHLO, no mail */
+    t_closed(&e, cn, "FAILED CLOSED");
+    t_reply(&e.failure, 451, "4.7.5",
+            "DANE verification failed for mx1.example.org[192.0.2.7]:25: "
+            "no matching DANE TLSA records");
+    assert_int_equal(fake_tls_live(), 0);
+}
+
+static void
+test_smtp_client_dane_tlsa_makes_starttls_mandatory(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *label;
+        enum dane_status status;
+        size_t ntlsa;
+        const char *ehlo;
+        const char *starttls_reply; /* NULL: not sent */
+        const char *want;
+    } cases[] = {
+        { "secure, not offered", DANE_SECURE, 1, t_ehlo_plain, NULL,
+          "TLS required by DANE but not offered by mx1.example.org[192.0.2.7]:25" },
+        { "unusable, not offered", DANE_UNUSABLE, 0, t_ehlo_plain, NULL,
+          "TLS required by DANE but not offered by mx1.example.org[192.0.2.7]:25" },
+        { "secure, refused", DANE_SECURE, 1, t_ehlo_tls, "454 4.7.0 TLS not available\r\n",
+          "TLS required by DANE but STARTTLS refused by mx1.example.org[192.0.2.7]:25: "
+          "454 4.7.0 TLS not available" },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        struct t_env e;
+        t_init_dane(&e, 1);
+        t_start(&e);
+        fake_dane_complete(t_dane_lookup("mx1.example.org"), cases[i].status, "x",
+                           cases[i].ntlsa);
+        struct conn *cn = t_greet_only(cases[i].ehlo);
+        if (cases[i].starttls_reply != NULL) {
+            t_expect(cn, "STARTTLS\r\n");
+            fake_conn_push_str(cn, cases[i].starttls_reply);
+        }
+        t_expect(cn, "QUIT\r\n");
+        t_closed(&e, cn, "FAILED CLOSED");
+        if (e.failure.code != 451 || strcmp(e.failure.esc, "4.7.4") != 0 ||
+            strcmp(e.failure.text, cases[i].want) != 0)
+            fail_msg("%s: got \"%d %s %s\", want \"451 4.7.4 %s\"", cases[i].label,
+                     e.failure.code, e.failure.esc, e.failure.text, cases[i].want);
+    }
+    assert_int_equal(fake_tls_live(), 0);
+}
+
+static void
+test_smtp_client_dane_none_or_insecure_is_opportunistic(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *label;
+        enum dane_status status;
+        const char *detail;
+        const char *ehlo;
+        bool starttls;
+        const char *want_log;
+    } cases[] = {
+        { "none, plaintext", DANE_NONE, "no TLSA records for _25._tcp.mx1.example.org",
+          t_ehlo_plain, false, "none (no TLSA records for _25._tcp.mx1.example.org)" },
+        { "insecure, plaintext", DANE_INSECURE, "MX of example.org not DNSSEC-validated",
+          t_ehlo_plain, false, "insecure (MX of example.org not DNSSEC-validated)" },
+        { "insecure, starttls", DANE_INSECURE, "TLSA of _25._tcp.mx1.example.org not "
+          "DNSSEC-validated", t_ehlo_tls, true,
+          "insecure (TLSA of _25._tcp.mx1.example.org not DNSSEC-validated)" },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        struct t_env e;
+        t_init_dane(&e, 1);
+        t_start(&e);
+        struct conn *cn = t_greet_only(cases[i].ehlo);
+        t_expect(cn, "");
+        fake_dane_complete(t_dane_lookup("mx1.example.org"), cases[i].status, cases[i].detail,
+                           0);
+        if (cases[i].starttls) {
+            t_expect(cn, "STARTTLS\r\n");
+            fake_conn_push_str(cn, "220 2.0.0 go ahead\r\n");
+            if (fake_conn_tls_dane(cn) != 0)
+                fail_msg("%s: a DANE context without TLSA records", cases[i].label);
+            struct conn_tls_info info;
+            memset(&info, 0, sizeof(info));
+            snprintf(info.version, sizeof(info.version), "TLSv1.3");
+            snprintf(info.verify, sizeof(info.verify), "self-signed certificate");
+            fake_conn_complete_tls(cn, 0, &info, NULL); /* unverified is fine */
+            t_expect(cn, "EHLO client.example\r\n");
+            fake_conn_push_str(cn, t_ehlo_plain);
+        } else {
+            t_expect(cn, "");
+        }
+        if (strcmp(e.events, "READY") != 0)
+            fail_msg("%s: events: got \"%s\", want \"READY\"", cases[i].label, e.events);
+        e.events[0] = '\0';
+        t_log_expect(e.c, "dane", cases[i].want_log);
+        t_quit(&e, cn);
+    }
+}
+
+static void
+test_smtp_client_dane_lookup_failure_tries_next_target(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init_dane(&e, 2);
+    t_start(&e);
+    struct conn *c1 = t_greet_only(t_ehlo_tls);
+    fake_dane_complete(t_dane_lookup("mx1.example.org"), DANE_TEMPFAIL,
+                       "TLSA lookup for _25._tcp.mx1.example.org: SERVFAIL", 0);
+    t_expect(c1, "QUIT\r\n"); /* no STARTTLS, no mail */
+    assert_true(fake_conn_closing(c1));
+    fake_conn_finish_close(c1);
+    t_events(&e, "");
+    struct conn *c2 = t_greet_only(t_ehlo_plain);
+    fake_dane_complete(t_dane_lookup("mx2.example.org"), DANE_TEMPFAIL, "timeout", 0);
+    t_expect(c2, "QUIT\r\n");
+    t_closed(&e, c2, "FAILED CLOSED");
+    t_reply(&e.failure, 451, "4.4.3",
+            "DANE TLSA lookup for mx2.example.org[192.0.2.8]:25 failed: timeout");
+    assert_int_equal(fake_dane_started(), 2);
+}
+
+static void
+test_smtp_client_dane_lookup_is_shared_per_host_and_cancelled(void **state)
+{
+    (void)state;
+    struct t_env e;
+    t_init_dane(&e, 3);
+    t_target(&e.targets[1], "mx1.example.org", "192.0.2.9", 25); /* same host, another IP */
+    t_target(&e.targets[2], "mx2.example.org", "192.0.2.8", 25);
+    e.opts.dane_domain = NULL; /* a host route: no MX check */
+    t_start(&e);
+    assert_string_equal(fake_dane_domain(t_dane_lookup("mx1.example.org")), "");
+    fake_conn_complete_connect(t_conn(), -ECONNREFUSED);
+    fake_conn_finish_close(t_conn());
+    /* the second address of mx1 waits for the same lookup */
+    assert_int_equal(fake_dane_started(), 1);
+    struct conn *c2 = t_conn();
+    fake_conn_complete_connect(c2, -ECONNREFUSED);
+    fake_conn_finish_close(c2);
+    /* mx2: mx1's lookup is no longer wanted */
+    assert_int_equal(fake_dane_cancelled(), 1);
+    t_dane_lookup("mx2.example.org");
+    assert_int_equal(fake_dane_started(), 2);
+    /* an abort while it runs cancels it too */
+    smtpc_abort(e.c);
+    t_closed(&e, t_conn(), "CLOSED");
+    assert_int_equal(fake_dane_cancelled(), 2);
+    assert_null(fake_dane_last());
+
+    /* an IP literal has no TLSA base domain: no lookup, opportunistic */
+    t_init_dane(&e, 1);
+    t_target(&e.targets[0], "192.0.2.7", "192.0.2.7", 25);
+    t_start(&e);
+    assert_null(fake_dane_last());
+    struct conn *cn = t_greet_only(t_ehlo_plain);
+    t_events(&e, "READY");
+    t_log_expect(e.c, "dane", "insecure (no host name for TLSA records)");
+    t_quit(&e, cn);
+}
+
 int
 main(void)
 {
@@ -1715,6 +1980,12 @@ main(void)
         cmocka_unit_test(test_smtp_client_starttls_required_and_offered_delivers_over_tls),
         cmocka_unit_test(test_smtp_client_tls_handshake_failure_tries_next_target_never_plaintext),
         cmocka_unit_test(test_smtp_client_lmtp_never_uses_tls),
+        cmocka_unit_test(test_smtp_client_dane_secure_starttls_is_dane_verified),
+        cmocka_unit_test(test_smtp_client_dane_mismatch_fails_the_target),
+        cmocka_unit_test(test_smtp_client_dane_tlsa_makes_starttls_mandatory),
+        cmocka_unit_test(test_smtp_client_dane_none_or_insecure_is_opportunistic),
+        cmocka_unit_test(test_smtp_client_dane_lookup_failure_tries_next_target),
+        cmocka_unit_test(test_smtp_client_dane_lookup_is_shared_per_host_and_cancelled),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -45,6 +45,7 @@ struct conn {
     void *tls_arg;
     struct conn_tls_info tls_info;
     char tls_err[160];
+    size_t tls_ntlsa;     /* TLSA records of the context conn_start_tls got */
 };
 
 static struct conn *fake_last;
@@ -400,6 +401,7 @@ fake_conn_drain(struct conn *c)
 struct tls_ctx {
     int refs;
     bool server;
+    size_t ntlsa; /* tls_client_dane: records given */
 };
 
 static int fake_tls_count;
@@ -438,6 +440,20 @@ tls_client_shared(char **err)
     static struct tls_ctx shared = { .refs = 1, .server = false };
     *err = NULL;
     return &shared;
+}
+
+struct tls_ctx *
+tls_client_dane(struct tls_ctx *base, const struct dane_tlsa *tlsa, size_t n, char **err)
+{
+    (void)tlsa;
+    *err = NULL;
+    if (base->server || n == 0) {
+        *err = xstrdup("DANE needs a client context and TLSA records");
+        return NULL;
+    }
+    struct tls_ctx *t = fake_tls_new(false);
+    t->ntlsa = n;
+    return t;
 }
 
 struct tls_ctx *
@@ -487,6 +503,7 @@ conn_start_tls(struct conn *c, struct tls_ctx *ctx, bool server, const char *nam
         return -ENOTCONN;
     c->tls_started = true;
     c->tls_server = server;
+    c->tls_ntlsa = ctx->ntlsa;
     if (!str_copy(c->tls_name, sizeof(c->tls_name), name ? name : ""))
         PANIC("fake conn_start_tls: name too long");
     c->tls_cb = cb;
@@ -526,6 +543,12 @@ const char *
 fake_conn_tls_name(const struct conn *c)
 {
     return c->tls_name;
+}
+
+size_t
+fake_conn_tls_dane(const struct conn *c)
+{
+    return c->tls_ntlsa;
 }
 
 void

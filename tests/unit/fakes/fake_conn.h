@@ -60,6 +60,9 @@ bool fake_conn_tls_started(const struct conn *c);
 bool fake_conn_tls_server(const struct conn *c);
 /* The client's SNI/verification name ("" for none). */
 const char *fake_conn_tls_name(const struct conn *c);
+/* TLSA records of the context the handshake uses (tls_client_dane()'s n;
+ * 0 for a plain context). */
+size_t fake_conn_tls_dane(const struct conn *c);
 /* Delivers the conn_tls_cb: status 0 with info (NULL: TLSv1.3,
  * TLS_AES_256_GCM_SHA384, 256/256 bits, verified) or < 0 with error as
  * conn_tls_error(). */
