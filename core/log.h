@@ -5,6 +5,7 @@
  *   client from to orig_to size nrcpt relay src helo delay attempts conn_use
  *   dsn status reason session milter hook listener proto queued_as reply
  *   cmd counts file line xbind orig_to tls cipher verify resumed sni peer_cn
+ *   user mech (AUTH; never the password) plugin
  */
 #ifndef PETREL_LOG_H
 #define PETREL_LOG_H

@@ -964,6 +964,7 @@ plua_take_results(struct plua_call *c, lua_State *co, int nres)
         if (!none && !lua_isboolean(co, idx))
             return "expected true or false";
         r->allow = lua_toboolean(co, idx);
+        r->answered = !none;
         return NULL;
     }
     if (strcmp(c->hook, "route") == 0) {

@@ -110,8 +110,10 @@ struct plua_result {
     struct verdict verdict;
     struct plua_header *add_headers; /* owned (names and values too): data hook */
     size_t nadd_headers;
-    /* auth, xbind: what the hook returned (false for nil) */
+    /* auth, xbind: what the hook returned (false for nil); answered: true or
+     * false was returned (nil: no opinion, the built-in check decides) */
     bool allow;
+    bool answered;
     /* route: NULL when the hook returned nil */
     char *route; /* owned */
     /* select_source: NULL when nil */

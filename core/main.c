@@ -22,6 +22,8 @@
 #include "dns_cli.h"
 #include "listener.h"
 #include "log.h"
+#include "auth.h"
+#include "hooks.h"
 #include "lua_bridge.h"
 #include "queue_cli.h"
 #include "scheduler.h"
@@ -37,6 +39,11 @@ struct main_daemon {
     struct listeners *listeners;   /* owned */
     struct dns *dns;               /* owned */
     struct sched *sched;           /* owned */
+    struct hooks *hooks;           /* owned: Lua, plugins (milters are per session) */
+    struct auth_db *auth_db;       /* owned or NULL: auth.users_file */
+    struct auth_verifier *auth_verifier; /* owned */
+    struct auth_limiter *auth_limiter;   /* owned */
+    const char *config_path;       /* borrowed from argv; NULL: the embedded default */
     bool smtpd_idle;
     bool sched_idle;
     uv_signal_t sigterm;
@@ -58,6 +65,7 @@ main_usage(FILE *out)
             "       petrel queue retry|delete ID [-c FILE]\n"
             "       petrel queue flush [-c FILE]\n"
             "       petrel dns-lookup [--host] DOMAIN [-c FILE]\n"
+            "       petrel passwd USER   (prints a users_file line; password on stdin)\n"
             "       petrel version\n"
             "Without -c, the embedded default configuration is used.\n");
 }
@@ -165,14 +173,48 @@ main_stop(struct main_daemon *d, const char *why)
     uv_timer_start(&d->shutdown_timer, main_on_shutdown_timeout, d->cfg->shutdown_timeout_ms, 0);
 }
 
+/* SIGHUP: reads the configuration again and swaps the Lua script in. If
+ * either fails, the running configuration and script stay. Sessions in
+ * progress are not touched (calls already running finish on the old
+ * script). Only the lua section is applied; everything else (listeners,
+ * spool, relay, delivery, milters, plugins …) is bound at start-up and
+ * needs a restart, and the log line says so. */
+static void
+main_reload(struct main_daemon *d)
+{
+    struct petrel_config *cfg = NULL;
+    char *errors = NULL;
+    int r = d->config_path ? config_load_file(d->config_path, &cfg, &errors)
+                           : config_load_default(&cfg, &errors);
+    if (r != 0) {
+        for (char *e = errors; e && *e; e++)
+            if (*e == '\n' && e[1] != '\0')
+                *e = ' ';
+        log_msg(LOG_ERR, NULL, "SIGHUP: reload failed, keeping the running configuration: %s",
+                errors ? errors : "?");
+        free(errors);
+        return;
+    }
+    char *err = NULL;
+    if (hooks_reload(d->hooks, cfg, &err) != 0) {
+        log_msg(LOG_ERR, NULL, "SIGHUP: reload failed, keeping the running script: %s",
+                err ? err : "?");
+        free(err);
+        config_unref(cfg);
+        return;
+    }
+    log_msg(LOG_INFO, NULL, "SIGHUP: reloaded %s: lua section applied (script %s); changes to "
+                            "other sections take effect at restart",
+            cfg->file, cfg->lua.script ? cfg->lua.script : "none");
+    config_unref(cfg);
+}
+
 static void
 main_on_signal(uv_signal_t *h, int signum)
 {
     struct main_daemon *d = h->data;
     if (signum == SIGHUP) {
-        /* TODO(issue 6): reload config and Lua script on SIGHUP */
-        log_msg(LOG_WARNING, NULL, "SIGHUP: configuration reload is not supported yet; "
-                                   "restart petrel to apply changes");
+        main_reload(d);
         return;
     }
     main_stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -220,6 +262,7 @@ main_serve(const char *path)
 {
     struct main_daemon d;
     memset(&d, 0, sizeof(d));
+    d.config_path = path;
     d.cfg = main_load_config(path);
     if (d.cfg == NULL)
         return 1;
@@ -237,6 +280,21 @@ main_serve(const char *path)
         log_msg(LOG_ERR, NULL, "cannot start the resolver: %s", err ? err : "?");
         goto out;
     }
+    d.hooks = hooks_new(&d.loop, d.cfg, d.dns, &err);
+    if (d.hooks == NULL) {
+        log_msg(LOG_ERR, NULL, "%s: %s", d.cfg->file, err ? err : "cannot load hooks");
+        goto out;
+    }
+    if (d.cfg->auth.users_file != NULL) {
+        d.auth_db = auth_db_load(d.cfg->auth.users_file, &err);
+        if (d.auth_db == NULL) {
+            log_msg(LOG_ERR, NULL, "%s: auth.users_file: %s", d.cfg->file, err ? err : "?");
+            goto out;
+        }
+    }
+    d.auth_verifier = auth_verifier_new(&d.loop, 0, 0);
+    d.auth_limiter = auth_limiter_new(AUTH_LIMIT_FAILURES_DEFAULT, AUTH_LIMIT_WINDOW_MS_DEFAULT,
+                                      AUTH_LIMIT_ENTRIES_DEFAULT);
     char (*locals)[46] = NULL;
     size_t nlocals = main_local_addresses(&locals);
     d.sched = sched_new(&d.loop, d.cfg, d.spool, d.dns, (const char (*)[46])locals, nlocals);
@@ -245,6 +303,9 @@ main_serve(const char *path)
     if (smtpd_server_tls_error(d.srv) != NULL)
         goto out; /* a certificate that does not load: refuse to start (already logged) */
     smtpd_server_on_queued(d.srv, main_on_queued, &d);
+    smtpd_server_set_hooks(d.srv, d.hooks);
+    sched_set_hooks(d.sched, d.hooks);
+    smtpd_server_set_auth(d.srv, d.auth_db, d.auth_verifier, d.auth_limiter);
     if (listeners_start(&d.loop, d.cfg, d.srv, &d.listeners, &err) != 0) {
         log_msg(LOG_ERR, NULL, "%s", err);
         uv_run(&d.loop, UV_RUN_DEFAULT); /* let the listener handles close */
@@ -262,11 +323,6 @@ main_serve(const char *path)
     uv_signal_start(&d.sighup, main_on_signal, SIGHUP);
 
     sched_start(d.sched);
-    if (d.cfg->lua.script != NULL)
-        /* TODO(issue 6): load the script and call its hooks */
-        log_msg(LOG_WARNING, NULL, "lua.script %s: policy hooks are not wired into the daemon "
-                                   "yet; the script is checked by check-config but not run",
-                d.cfg->lua.script);
     log_msg(LOG_INFO, NULL, "petrel %s started (hostname %s, spool %s, %s)", PETREL_VERSION,
             d.cfg->hostname, d.cfg->spool, d.cfg->file);
     uv_run(&d.loop, UV_RUN_DEFAULT);
@@ -277,6 +333,8 @@ out:
     free(err);
     if (d.listeners)
         listeners_stop(d.listeners);
+    auth_verifier_free(d.auth_verifier); /* running checks come back in the next uv_run */
+    d.auth_verifier = NULL;
     if (!d.handles_closed && d.sigterm.data)
         main_close_handles(&d);
     uv_run(&d.loop, UV_RUN_DEFAULT);
@@ -291,6 +349,10 @@ out:
     d.spool = NULL;
     sched_free(d.sched);
     d.sched = NULL;
+    hooks_free(d.hooks); /* after every session and delivery that used it */
+    d.hooks = NULL;
+    auth_limiter_free(d.auth_limiter);
+    auth_db_free(d.auth_db);
     dns_close(d.dns);
     d.dns = NULL;
     uv_walk(&d.loop, main_close_walk, NULL);
@@ -303,24 +365,23 @@ out:
     return rc;
 }
 
-/* Loads and compiles lua.script (syntax errors, errors at load time) on a
- * private loop; prints "script:line: message" on failure. */
+/* Loads and compiles lua.script (syntax errors, errors at load time) and
+ * loads the plugins (ABI checks) on a private loop; prints
+ * "file: script:line: message" or the plugin's error on failure. */
 static int
-main_check_lua(const struct petrel_config *cfg)
+main_check_lua(struct petrel_config *cfg)
 {
-    if (cfg->lua.script == NULL)
-        return 0;
     uv_loop_t loop;
     uv_loop_init(&loop);
     char *err = NULL;
-    struct plua *p = plua_open(&loop, cfg, NULL, &err);
+    struct hooks *h = hooks_new(&loop, cfg, NULL, &err);
     int rc = 0;
-    if (p == NULL) {
-        fprintf(stderr, "%s: lua.script: %s\n", cfg->file, err ? err : "cannot load");
+    if (h == NULL) {
+        fprintf(stderr, "%s: %s\n", cfg->file, err ? err : "cannot load hooks");
         rc = 1;
     }
     free(err);
-    plua_close(p);
+    hooks_free(h);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     return rc;
@@ -333,6 +394,16 @@ main_check_config(const char *path)
     if (cfg == NULL)
         return 1;
     int rc = main_check_lua(cfg);
+    if (rc == 0 && cfg->auth.users_file != NULL) {
+        char *err = NULL;
+        struct auth_db *db = auth_db_load(cfg->auth.users_file, &err);
+        if (db == NULL) {
+            fprintf(stderr, "%s: auth.users_file: %s\n", cfg->file, err ? err : "?");
+            rc = 1;
+        }
+        free(err);
+        auth_db_free(db);
+    }
     if (rc == 0)
         printf("ok\n");
     config_unref(cfg);
@@ -428,6 +499,8 @@ main(int argc, char **argv)
         rc = main_queue(nrest, rest, path);
     else if (strcmp(cmd, "dns-lookup") == 0)
         rc = main_dns_lookup(nrest, rest, path);
+    else if (strcmp(cmd, "passwd") == 0)
+        rc = auth_passwd_main(nrest, rest);
     else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("petrel %s\n", PETREL_VERSION);
         rc = 0;

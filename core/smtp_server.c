@@ -48,8 +48,10 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "auth.h"
 #include "buf.h"
 #include "conn.h"
+#include "hooks.h"
 #include "log.h"
 #include "smtp_parse.h"
 #include "source.h"
@@ -67,6 +69,7 @@ enum smtpd_state {
     ST_BDAT,      /* reading a BDAT chunk */
     ST_QUIT,      /* closing */
     ST_TLS,       /* TLS handshake (implicit TLS, or after STARTTLS's 220): no parsing */
+    ST_AUTH,      /* AUTH exchange: the next line answers a 334 challenge */
 };
 
 #define ST_BIT(s) (1u << (s))
@@ -104,6 +107,20 @@ struct smtpd_txn {
     uint64_t stored_size;            /* Received header + content, as spooled */
     struct smtpd_bind xbind_param;   /* MAIL XBIND=, this transaction only */
     struct smtpd_bind bind;          /* effective override, as spooled (for the log) */
+    bool discard;                    /* a policy said DISCARD: 250, then drop */
+    bool quarantine;                 /* stored held (hooks said QUARANTINE) */
+};
+
+/* A command waiting for the hooks (Lua, milters, plugins): what it needs
+ * to finish once they answered. */
+struct smtpd_pending {
+    char helo[SMTP_HOSTNAME_MAX + 1];
+    bool esmtp;
+    char *addr;                      /* owned: MAIL / RCPT address */
+    struct smtp_mail_params mail;
+    struct smtpd_bind bind;
+    struct smtp_rcpt_params rcpt;
+    char params[1024];               /* MAIL's ESMTP parameters, for the hooks */
 };
 
 struct smtpd_session {
@@ -121,7 +138,12 @@ struct smtpd_session {
     bool skipping;                       /* discarding an over-long command line */
     bool quitting;                       /* close after the output drains */
     bool goodbye_sent;
-    bool authenticated;                  /* TODO(issue 8): set by AUTH; may use XBIND */
+    bool authenticated;                  /* AUTH succeeded: may relay and use XBIND */
+    char auth_user[AUTH_USER_MAX + 1];   /* the authenticated user, "" if none */
+    enum auth_mech auth_mech;
+    struct auth_sasl sasl;               /* the AUTH exchange in progress */
+    struct auth_verify *verify;          /* pending password check (holds a ref), or NULL */
+    int auth_return;                     /* enum smtpd_state to return to after AUTH */
     bool tls;                            /* the TLS handshake finished: tls_info holds it */
     struct conn_tls_info tls_info;
     char helo[SMTP_HOSTNAME_MAX + 1];
@@ -132,6 +154,10 @@ struct smtpd_session {
     unsigned counts[SMTP_XBIND + 1];     /* per verb, for the disconnect line */
     unsigned unknown_count;
     struct smtpd_txn txn;
+    struct hook_session *hooks;          /* owned or NULL: nothing hooks this session */
+    bool hook_wait;                      /* blocked on a hook stage (holds a ref) */
+    bool connect_checked;                /* the connect hook ran */
+    struct smtpd_pending pend;
 };
 
 struct smtpd_server {
@@ -145,6 +171,10 @@ struct smtpd_server {
     bool shutting_down;
     smtpd_queued_cb *queued_cb;  /* may be NULL */
     void *queued_arg;
+    struct hooks *hooks;         /* borrowed or NULL: Lua, milters, plugins */
+    const struct auth_db *auth_db;        /* borrowed or NULL: auth.users_file */
+    struct auth_verifier *auth_verifier;  /* borrowed or NULL */
+    struct auth_limiter *auth_limiter;    /* borrowed or NULL */
 };
 
 static void smtpd_process(struct smtpd_session *s);
@@ -214,6 +244,21 @@ smtpd_server_free(struct smtpd_server *srv)
     free(srv->tls_error);
     config_unref(srv->cfg);
     free(srv);
+}
+
+void
+smtpd_server_set_auth(struct smtpd_server *srv, const struct auth_db *db,
+                      struct auth_verifier *av, struct auth_limiter *lim)
+{
+    srv->auth_db = db;
+    srv->auth_verifier = av;
+    srv->auth_limiter = lim;
+}
+
+void
+smtpd_server_set_hooks(struct smtpd_server *srv, struct hooks *h)
+{
+    srv->hooks = h;
 }
 
 void
@@ -344,6 +389,10 @@ smtpd_txn_reset(struct smtpd_session *s)
     free(t->rcpts);
     buf_reset(&t->content);
     memset(t, 0, sizeof(*t));
+    if (s->hooks != NULL && !hook_pending(s->hooks)) {
+        hook_abort(s->hooks); /* milters inside a transaction get ABORT */
+        hook_session_set(s->hooks, "i", NULL);
+    }
     if (s->state == ST_MAIL || s->state == ST_RCPT || s->state == ST_DATA
         || s->state == ST_BDAT)
         s->state = ST_HELO;
@@ -370,6 +419,9 @@ smtpd_session_unref(struct smtpd_session *s)
     if (s->next)
         s->next->prev = s->prev;
     srv->nsessions--;
+    hook_session_free(s->hooks);
+    s->hooks = NULL;
+    free(s->pend.addr);
     smtpd_txn_reset(s);
     smtpd_session_end_cb *cb = s->end_cb;
     void *arg = s->end_arg;
@@ -420,6 +472,20 @@ smtpd_close(struct smtpd_session *s)
     if (s->state == ST_QUIT || s->conn == NULL)
         return;
     s->state = ST_QUIT;
+    if (s->verify != NULL) {
+        auth_verify_cancel(s->verify);
+        s->verify = NULL;
+        s->blocked = false;
+        s->refs--;
+    }
+    auth_sasl_reset(&s->sasl);
+    if (s->hook_wait) {
+        /* the answer will not be wanted: drop the stage (no callback) */
+        hook_session_cancel(s->hooks);
+        s->hook_wait = false;
+        s->blocked = false;
+        s->refs--; /* the conn still holds its own */
+    }
     smtpd_log_disconnect(s);
     conn_close(s->conn);
 }
@@ -442,6 +508,10 @@ smtpd_on_conn(struct conn *c, enum conn_event ev, int status, void *arg)
         smtpd_process(s);
         return;
     case CONN_EV_TIMEOUT:
+        if (s->hook_wait || s->verify != NULL) {
+            conn_set_timeout(s->conn, s->lc->command_timeout_ms);
+            return; /* a policy, filter or password check is slow; not the client */
+        }
         if (s->state == ST_GREETING) {
             if (conn_peer_sent_data(s->conn)) {
                 smtpd_reject(s, "CONNECT", &R_EARLY_TALKER, NULL);
@@ -507,6 +577,13 @@ smtpd_on_tls(struct conn *c, int status, void *arg)
     }
     s->tls = true;
     conn_tls_info(c, &s->tls_info);
+    if (s->hooks != NULL) {
+        char bits[16];
+        snprintf(bits, sizeof(bits), "%d", s->tls_info.bits);
+        hook_session_set(s->hooks, "{tls_version}", s->tls_info.version);
+        hook_session_set(s->hooks, "{cipher}", s->tls_info.cipher);
+        hook_session_set(s->hooks, "{cipher_bits}", bits);
+    }
     smtpd_log_begin(s, &ll, LOG_INFO,
                     s->lc->tls == LISTENER_TLS_IMPLICIT ? "tls established" : "starttls", false);
     log_kv(&ll, "client", "%s", s->client);
@@ -523,6 +600,8 @@ smtpd_on_tls(struct conn *c, int status, void *arg)
     s->helo[0] = '\0';
     s->esmtp = false;
     memset(&s->xbind, 0, sizeof(s->xbind));
+    s->authenticated = false;
+    s->auth_user[0] = '\0';
     if (s->lc->tls == LISTENER_TLS_IMPLICIT) {
         smtpd_greet(s); /* RFC 8314 3.3: the banner comes under TLS */
         return;
@@ -591,6 +670,14 @@ smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, 
     log_kv(&ll, "listener", "%s", lc->name);
     log_end(&ll);
 
+    struct hook_conn hc = {
+        .session_id = s->id,
+        .family = conn_peer_addr(c) ? conn_peer_addr(c)->sa_family : AF_UNSPEC,
+        .client_ip = ip,
+        .client_port = conn_peer_port(c),
+        .local_ip = conn_local_ip(c),
+        .local_port = conn_local_port(c),
+    };
     bool implicit = lc->tls == LISTENER_TLS_IMPLICIT;
     if (refuse == NULL && srv->shutting_down)
         refuse = &R_SHUTDOWN;
@@ -603,6 +690,7 @@ smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, 
         smtpd_close(s);
         return;
     }
+    s->hooks = hook_session_new(srv->hooks, lc, &hc);
     if (implicit) {
         if (srv->tls == NULL) {
             smtpd_log_begin(s, &ll, LOG_WARNING, "tls unavailable", false);
@@ -618,11 +706,94 @@ smtpd_session_start(struct smtpd_server *srv, const struct listener_config *lc, 
     smtpd_greet(s);
 }
 
+/* ---- hooks (Lua, milters, plugins: hooks.h) ------------------------------ */
+
+/* The session waits for a hook stage: nothing is parsed meanwhile. */
+static void
+smtpd_hook_wait(struct smtpd_session *s)
+{
+    s->blocked = true;
+    s->hook_wait = true;
+    s->refs++;
+    conn_set_timeout(s->conn, s->lc->command_timeout_ms);
+}
+
+/* The stage answered (the session is alive: smtpd_close cancels a pending
+ * stage, so answers only reach open sessions). */
+static void
+smtpd_hook_end(struct smtpd_session *s)
+{
+    s->blocked = false;
+    s->hook_wait = false;
+    s->refs--;
+}
+
+/* Goes on with pipelined input after a hook answered. */
+static void
+smtpd_hook_resume(struct smtpd_session *s)
+{
+    if (s->conn == NULL || s->state == ST_QUIT)
+        return;
+    smtpd_process(s);
+}
+
+static bool
+smtpd_verdict_refuses(const struct verdict *v)
+{
+    return v->kind == VERDICT_REJECT || v->kind == VERDICT_TEMPFAIL;
+}
+
+/* Sends a refusing verdict's reply (a filter's multi-line reply as it
+ * wrote it) and logs it; a 421 closes the session. */
+static void
+smtpd_reply_verdict(struct smtpd_session *s, const char *cmd, const struct verdict *v,
+                    const char *rcpt)
+{
+    smtpd_log_reject(s, cmd, &v->reply, rcpt);
+    if (v->raw != NULL) {
+        struct buf b;
+        buf_init(&b);
+        buf_append_str(&b, v->raw);
+        buf_append_str(&b, "\r\n");
+        smtpd_write_line(s, buf_ptr(&b), b.len);
+        buf_reset(&b);
+        if (v->reply.code >= 400)
+            s->errors++;
+    } else {
+        smtpd_reply(s, &v->reply);
+    }
+    if (v->reply.code == 421)
+        smtpd_close(s);
+}
+
+static void
+smtpd_on_hook_connect(struct hook_session *hs, const struct verdict *v, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (smtpd_verdict_refuses(v)) {
+        /* refused at connect: the reply takes the banner's place */
+        smtpd_reply_verdict(s, "CONNECT", v, NULL);
+        smtpd_close(s);
+        return;
+    }
+    smtpd_greet(s);
+}
+
 /* The banner, unless greet_delay holds it back; refuses early talkers. */
 static void
 smtpd_greet(struct smtpd_session *s)
 {
     const struct listener_config *lc = s->lc;
+    if (!s->connect_checked) {
+        s->connect_checked = true;
+        if (hook_wants(s->hooks, PLUGIN_HOOK_CONNECT)) {
+            smtpd_hook_wait(s);
+            hook_connect(s->hooks, smtpd_on_hook_connect, s);
+            return;
+        }
+    }
     if (lc->greet_delay_ms > 0) {
         s->state = ST_GREETING;
         conn_set_timeout(s->conn, lc->greet_delay_ms);
@@ -800,7 +971,7 @@ smtpd_log_header_ignored(struct smtpd_session *s, const char *reason)
 /* End of message: strips X-Petrel-Bind from the content and decides the
  * override to store (MAIL parameter > XBIND command > header) in t->bind.
  * A header that cannot be used is logged and ignored, never a rejection. */
-static void
+static bool
 smtpd_xbind_decide(struct smtpd_session *s)
 {
     struct smtpd_txn *t = &s->txn;
@@ -815,22 +986,22 @@ smtpd_xbind_decide(struct smtpd_session *s)
     else
         memset(&t->bind, 0, sizeof(t->bind));
     if (!has_header)
-        return;
+        return false;
     if (!smtpd_xbind_allowed(s)) {
         smtpd_log_header_ignored(s, R_XBIND_DENIED.text);
-        return;
+        return false;
     }
     if (t->xbind_param.ip[0] != '\0') {
         smtpd_log_header_ignored(s, "overridden by the MAIL XBIND parameter");
-        return;
+        return false;
     }
     if (s->xbind.ip[0] != '\0') {
         smtpd_log_header_ignored(s, "overridden by the XBIND command");
-        return;
+        return false;
     }
     if (!header_fits) {
         smtpd_log_header_ignored(s, "value too long");
-        return;
+        return false;
     }
     bool reset;
     char ip[SOURCE_IP_SIZE];
@@ -840,7 +1011,7 @@ smtpd_xbind_decide(struct smtpd_session *s)
     if (r != NULL || reset) {
         smtpd_log_header_ignored(s, reset ? "RESET is not valid in the header"
                                           : "bad syntax (want: ip [hostname])");
-        return;
+        return false;
     }
     struct smtpd_bind b;
     const char *why = smtpd_xbind_resolve(s, ip, hostname, &b);
@@ -848,9 +1019,10 @@ smtpd_xbind_decide(struct smtpd_session *s)
         char reason[SOURCE_IP_SIZE + 128];
         snprintf(reason, sizeof(reason), "%s: %s", b.ip, why);
         smtpd_log_header_ignored(s, reason);
-        return;
+        return false;
     }
     t->bind = b;
+    return true;
 }
 
 /* ---- commands -------------------------------------------------------- */
@@ -863,6 +1035,19 @@ smtpd_starttls_offered(const struct smtpd_session *s)
     return s->lc->tls == LISTENER_TLS_STARTTLS && s->srv->tls != NULL && !s->tls;
 }
 
+/* AUTH is offered on listeners with auth optional/required, under TLS
+ * (PLAIN and LOGIN send the password in clear) unless auth.allow_plaintext,
+ * until the session has authenticated. */
+static bool
+smtpd_auth_offered(const struct smtpd_session *s)
+{
+    return s->lc->auth != LISTENER_AUTH_NONE && !s->authenticated
+           && (s->tls || s->srv->cfg->auth.allow_plaintext);
+}
+
+static void smtpd_helo_ok(struct smtpd_session *s, const char *name, bool esmtp);
+static void smtpd_on_hook_helo(struct hook_session *hs, const struct verdict *v, void *arg);
+
 static void
 smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
 {
@@ -874,8 +1059,36 @@ smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
     }
     smtpd_txn_reset(s); /* RFC 5321 4.1.4: EHLO resets the transaction */
     memset(&s->xbind, 0, sizeof(s->xbind)); /* ... and starts a new session: XBIND too */
-    memcpy(s->helo, name, sizeof(s->helo));
-    s->esmtp = cmd->verb == SMTP_EHLO;
+    if (hook_wants(s->hooks, PLUGIN_HOOK_HELO)) {
+        memcpy(s->pend.helo, name, sizeof(s->pend.helo));
+        s->pend.esmtp = cmd->verb == SMTP_EHLO;
+        smtpd_hook_wait(s);
+        hook_helo(s->hooks, name, smtpd_on_hook_helo, s);
+        return;
+    }
+    smtpd_helo_ok(s, name, cmd->verb == SMTP_EHLO);
+}
+
+static void
+smtpd_on_hook_helo(struct hook_session *hs, const struct verdict *v, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (smtpd_verdict_refuses(v))
+        smtpd_reply_verdict(s, s->pend.esmtp ? "EHLO" : "HELO", v, NULL);
+    else
+        smtpd_helo_ok(s, s->pend.helo, s->pend.esmtp);
+    smtpd_hook_resume(s);
+}
+
+/* HELO/EHLO accepted: the greeting (and the EHLO keywords). */
+static void
+smtpd_helo_ok(struct smtpd_session *s, const char *name, bool esmtp)
+{
+    if (!str_copy(s->helo, sizeof(s->helo), name))
+        PANIC("helo name longer than its buffer");
+    s->esmtp = esmtp;
     s->state = ST_HELO;
     const char *host = s->srv->cfg->hostname;
     if (!s->esmtp) {
@@ -896,11 +1109,53 @@ smtpd_cmd_helo(struct smtpd_session *s, const struct smtp_cmd *cmd)
     buf_append_str(&b, "250-CHUNKING\r\n");
     if (smtpd_starttls_offered(s))
         buf_append_str(&b, "250-STARTTLS\r\n");
+    if (smtpd_auth_offered(s))
+        buf_append_str(&b, "250-AUTH " AUTH_EHLO_MECHS "\r\n");
     if (smtpd_xbind_allowed(s))
         buf_append_str(&b, "250-XBIND\r\n");
     buf_append_str(&b, "250 DSN\r\n");
     smtpd_write_line(s, buf_ptr(&b), b.len);
     buf_reset(&b);
+}
+
+static void smtpd_mail_ok(struct smtpd_session *s, const char *addr,
+                          const struct smtp_mail_params *p, const struct smtpd_bind *param);
+static void smtpd_on_hook_mail(struct hook_session *hs, const struct verdict *v, void *arg);
+static void smtpd_on_hook_mail_xbind(struct hook_session *hs, bool has_answer, bool allow,
+                                     void *arg);
+
+/* The ESMTP parameters after the path of MAIL FROM:/RCPT TO: args, as the
+ * client wrote them ("" if none), for milters and policies. */
+static void
+smtpd_esmtp_params(struct span args, char *out, size_t size)
+{
+    size_t i = 0;
+    while (i < args.len && args.p[i] == ' ')
+        i++;
+    if (i < args.len && args.p[i] == '<') {
+        bool quoted = false;
+        for (i++; i < args.len; i++) {
+            if (args.p[i] == '\\' && i + 1 < args.len)
+                i++;
+            else if (args.p[i] == '"')
+                quoted = !quoted;
+            else if (args.p[i] == '>' && !quoted)
+                break;
+        }
+        i++;
+    } else {
+        while (i < args.len && args.p[i] != ' ')
+            i++;
+    }
+    while (i < args.len && args.p[i] == ' ')
+        i++;
+    size_t n = i < args.len ? args.len - i : 0;
+    while (n > 0 && args.p[i + n - 1] == ' ')
+        n--;
+    if (n >= size)
+        n = size - 1;
+    memcpy(out, args.p + i, n);
+    out[n] = '\0';
 }
 
 static void
@@ -921,6 +1176,10 @@ smtpd_cmd_mail(struct smtpd_session *s, const struct smtp_cmd *cmd)
     }
     if (!cmd->mail_from) {
         smtpd_reject(s, "MAIL", &R_MAIL_SYNTAX, NULL);
+        return;
+    }
+    if (s->lc->auth == LISTENER_AUTH_REQUIRED && !s->authenticated) {
+        smtpd_reject(s, "MAIL", &R_AUTH_REQUIRED, NULL);
         return;
     }
     char addr[SMTP_ADDR_SIZE];
@@ -944,13 +1203,86 @@ smtpd_cmd_mail(struct smtpd_session *s, const struct smtp_cmd *cmd)
             return;
         }
     }
+    bool xbind_hook = p.has_xbind && hook_wants(s->hooks, PLUGIN_HOOK_XBIND);
+    if (xbind_hook || hook_wants(s->hooks, PLUGIN_HOOK_MAIL_FROM)) {
+        smtpd_esmtp_params(cmd->args, s->pend.params, sizeof(s->pend.params));
+        free(s->pend.addr);
+        s->pend.addr = xstrdup(addr);
+        s->pend.mail = p;
+        s->pend.bind = param;
+        smtpd_hook_wait(s);
+        if (xbind_hook)
+            hook_xbind(s->hooks, param.ip, param.hostname, smtpd_on_hook_mail_xbind, s);
+        else
+            hook_mail(s->hooks, addr, s->pend.params, smtpd_on_hook_mail, s);
+        return;
+    }
+    if (s->hooks != NULL) { /* later stages show the sender to the hooks */
+        smtpd_esmtp_params(cmd->args, s->pend.params, sizeof(s->pend.params));
+        hook_txn_begin(s->hooks, addr, s->pend.params);
+    }
+    smtpd_mail_ok(s, addr, &p, &param);
+}
+
+/* MAIL with XBIND=: the xbind hook answered; then the mail_from stage. */
+static void
+smtpd_on_hook_mail_xbind(struct hook_session *hs, bool has_answer, bool allow, void *arg)
+{
+    struct smtpd_session *s = arg;
+    if (has_answer && !allow) {
+        smtpd_hook_end(s);
+        smtpd_xbind_refuse(s, "MAIL", s->pend.bind.ip, "refused by local policy");
+        free(s->pend.addr);
+        s->pend.addr = NULL;
+        smtpd_hook_resume(s);
+        return;
+    }
+    if (!hook_wants(hs, PLUGIN_HOOK_MAIL_FROM)) {
+        smtpd_hook_end(s);
+        hook_txn_begin(hs, s->pend.addr, s->pend.params);
+        smtpd_mail_ok(s, s->pend.addr, &s->pend.mail, &s->pend.bind);
+        free(s->pend.addr);
+        s->pend.addr = NULL;
+        smtpd_hook_resume(s);
+        return;
+    }
+    hook_mail(hs, s->pend.addr, s->pend.params, smtpd_on_hook_mail, s); /* still waiting */
+}
+
+static void
+smtpd_mail_ok(struct smtpd_session *s, const char *addr, const struct smtp_mail_params *p,
+              const struct smtpd_bind *param)
+{
     struct smtpd_txn *t = &s->txn;
     t->sender = xstrdup(addr);
-    t->params = p;
-    t->xbind_param = param;
+    t->params = *p;
+    t->xbind_param = *param;
     t->at_bol = true;
     s->state = ST_MAIL;
     smtpd_reply(s, &R_SENDER_OK);
+}
+
+static void
+smtpd_on_hook_mail(struct hook_session *hs, const struct verdict *v, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (smtpd_verdict_refuses(v)) {
+        /* not yet in a transaction: log the sender the refusal was about */
+        struct smtpd_txn *t = &s->txn;
+        t->sender = s->pend.addr;
+        smtpd_reply_verdict(s, "MAIL", v, NULL);
+        t->sender = NULL;
+        hook_abort(s->hooks);
+    } else {
+        smtpd_mail_ok(s, s->pend.addr, &s->pend.mail, &s->pend.bind);
+        if (v->kind == VERDICT_DISCARD)
+            s->txn.discard = true;
+    }
+    free(s->pend.addr);
+    s->pend.addr = NULL;
+    smtpd_hook_resume(s);
 }
 
 static bool
@@ -979,8 +1311,14 @@ smtpd_may_relay(const struct smtpd_session *s, const char *rcpt)
         return true; /* <Postmaster> (RFC 5321 4.5.1) */
     if (smtpd_domain_listed(&s->srv->cfg->relay.domains, dom))
         return true;
+    if (s->authenticated)
+        return true;
     return cidr_list_match(&s->srv->cfg->relay.clients, conn_peer_addr(s->conn));
 }
+
+static void smtpd_rcpt_ok(struct smtpd_session *s, const char *addr,
+                          const struct smtp_rcpt_params *pp);
+static void smtpd_on_hook_rcpt(struct hook_session *hs, const struct verdict *v, void *arg);
 
 static void
 smtpd_cmd_rcpt(struct smtpd_session *s, const struct smtp_cmd *cmd)
@@ -1012,16 +1350,55 @@ smtpd_cmd_rcpt(struct smtpd_session *s, const struct smtp_cmd *cmd)
         smtpd_reject(s, "RCPT", &R_TOO_MANY_RCPTS, addr);
         return;
     }
-    if (!smtpd_may_relay(s, addr)) {
+    bool relay_ok = smtpd_may_relay(s, addr);
+    if (hook_wants(s->hooks, PLUGIN_HOOK_RCPT_TO)) {
+        char params[1024];
+        smtpd_esmtp_params(cmd->args, params, sizeof(params));
+        free(s->pend.addr);
+        s->pend.addr = xstrdup(addr);
+        s->pend.rcpt = p;
+        smtpd_hook_wait(s);
+        hook_rcpt(s->hooks, addr, params, relay_ok, smtpd_on_hook_rcpt, s);
+        return;
+    }
+    if (!relay_ok) {
         smtpd_reject(s, "RCPT", &R_RELAY_DENIED, addr);
         return;
     }
+    smtpd_rcpt_ok(s, addr, &p);
+}
+
+static void
+smtpd_on_hook_rcpt(struct hook_session *hs, const struct verdict *v, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (smtpd_verdict_refuses(v)) {
+        smtpd_reply_verdict(s, "RCPT", v, s->pend.addr);
+    } else {
+        smtpd_rcpt_ok(s, s->pend.addr, &s->pend.rcpt);
+        if (v->kind == VERDICT_DISCARD)
+            s->txn.discard = true;
+    }
+    free(s->pend.addr);
+    s->pend.addr = NULL;
+    smtpd_hook_resume(s);
+}
+
+static void
+smtpd_rcpt_ok(struct smtpd_session *s, const char *addr, const struct smtp_rcpt_params *pp)
+{
+    struct smtpd_txn *t = &s->txn;
+    const struct smtp_rcpt_params p = *pp;
     if (t->nrcpts == t->rcpts_cap) {
         t->rcpts_cap = t->rcpts_cap ? t->rcpts_cap * 2 : 4;
         t->rcpts = xreallocarray(t->rcpts, t->rcpts_cap, sizeof(*t->rcpts));
     }
-    if (t->qid[0] == '\0') /* as Postfix: rejects before this one log NOQUEUE */
+    if (t->qid[0] == '\0') { /* as Postfix: rejects before this one log NOQUEUE */
         spool_new_qid(s->srv->spool, t->qid);
+        hook_session_set(s->hooks, "i", t->qid);
+    }
     struct smtpd_rcpt *rc = &t->rcpts[t->nrcpts++];
     rc->addr = xstrdup(addr);
     rc->notify = p.notify;
@@ -1029,6 +1406,9 @@ smtpd_cmd_rcpt(struct smtpd_session *s, const struct smtp_cmd *cmd)
     s->state = ST_RCPT;
     smtpd_reply(s, &R_RCPT_OK);
 }
+
+static void smtpd_data_go(struct smtpd_session *s);
+static void smtpd_on_hook_data(struct hook_session *hs, const struct verdict *v, void *arg);
 
 static void
 smtpd_cmd_data(struct smtpd_session *s, const struct smtp_cmd *cmd)
@@ -1048,10 +1428,38 @@ smtpd_cmd_data(struct smtpd_session *s, const struct smtp_cmd *cmd)
         smtpd_reject(s, "DATA", r, NULL);
         return;
     }
+    if (hook_wants_data_command(s->hooks)) {
+        smtpd_hook_wait(s);
+        hook_data(s->hooks, smtpd_on_hook_data, s);
+        return;
+    }
+    smtpd_data_go(s);
+}
+
+static void
+smtpd_data_go(struct smtpd_session *s)
+{
     s->state = ST_DATA;
     s->txn.at_bol = true;
     smtpd_reply(s, &R_DATA_GO);
     conn_set_timeout(s->conn, s->lc->data_timeout_ms);
+}
+
+static void
+smtpd_on_hook_data(struct hook_session *hs, const struct verdict *v, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (smtpd_verdict_refuses(v)) {
+        smtpd_reply_verdict(s, "DATA", v, NULL);
+        smtpd_txn_reset(s);
+    } else {
+        if (v->kind == VERDICT_DISCARD)
+            s->txn.discard = true;
+        smtpd_data_go(s);
+    }
+    smtpd_hook_resume(s);
 }
 
 static void
@@ -1107,6 +1515,9 @@ smtpd_cmd_quit(struct smtpd_session *s, const struct smtp_cmd *cmd)
     smtpd_close(s);
 }
 
+static void smtpd_xbind_ok(struct smtpd_session *s, const struct smtpd_bind *b);
+static void smtpd_on_hook_xbind(struct hook_session *hs, bool has_answer, bool allow, void *arg);
+
 /* XBIND <ip> [<hostname>] | XBIND RESET: after EHLO, outside a transaction. */
 static void
 smtpd_cmd_xbind(struct smtpd_session *s, const struct smtp_cmd *cmd)
@@ -1145,14 +1556,42 @@ smtpd_cmd_xbind(struct smtpd_session *s, const struct smtp_cmd *cmd)
         smtpd_xbind_refuse(s, "XBIND", b.ip, why); /* a previous binding stays */
         return;
     }
-    s->xbind = b;
+    if (hook_wants(s->hooks, PLUGIN_HOOK_XBIND)) {
+        s->pend.bind = b;
+        smtpd_hook_wait(s);
+        hook_xbind(s->hooks, b.ip, b.hostname, smtpd_on_hook_xbind, s);
+        return;
+    }
+    smtpd_xbind_ok(s, &b);
+}
+
+static void
+smtpd_xbind_ok(struct smtpd_session *s, const struct smtpd_bind *b)
+{
+    struct log_line ll;
+    s->xbind = *b;
     smtpd_log_begin(s, &ll, LOG_INFO, "xbind", false);
     log_kv(&ll, "client", "%s", s->client);
     smtpd_log_xbind(&ll, &s->xbind);
     log_end(&ll);
     char text[SOURCE_IP_SIZE + SMTP_HOSTNAME_MAX + 32];
-    snprintf(text, sizeof(text), "Bound to %s as %s", b.ip, b.hostname);
+    snprintf(text, sizeof(text), "Bound to %s as %s", b->ip, b->hostname);
     smtpd_reply_text(s, 250, "2.0.0", text);
+}
+
+/* The xbind hook answered for the XBIND command: false refuses (a previous
+ * binding stays), true or no answer accepts. */
+static void
+smtpd_on_hook_xbind(struct hook_session *hs, bool has_answer, bool allow, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (has_answer && !allow)
+        smtpd_xbind_refuse(s, "XBIND", s->pend.bind.ip, "refused by local policy");
+    else
+        smtpd_xbind_ok(s, &s->pend.bind);
+    smtpd_hook_resume(s);
 }
 
 static void
@@ -1277,10 +1716,15 @@ smtpd_count_received(const char *p, size_t n)
 static const char *
 smtpd_proto(const struct smtpd_session *s)
 {
-    if (s->txn.params.smtputf8)
+    if (s->txn.params.smtputf8) {
+        if (s->authenticated)
+            return s->tls ? "UTF8ESMTPSA" : "UTF8ESMTPA";
         return s->tls ? "UTF8ESMTPS" : "UTF8ESMTP";
+    }
     if (!s->esmtp)
         return "SMTP";
+    if (s->authenticated)
+        return s->tls ? "ESMTPSA" : "ESMTPA";
     return s->tls ? "ESMTPS" : "ESMTP";
 }
 
@@ -1321,12 +1765,16 @@ smtpd_on_commit(int status, void *arg)
             log_kv(&ll, "nrcpt", "%zu", s->txn.nrcpts);
             log_kv(&ll, "proto", "%s", smtpd_proto(s));
             smtpd_log_addr(&ll, "helo", s->helo);
+            if (s->authenticated)
+                log_kv_vis(&ll, "user", s->auth_user, strlen(s->auth_user));
             if (s->tls) {
                 log_kv(&ll, "tls", "%s", s->tls_info.version);
                 log_kv(&ll, "cipher", "%s", s->tls_info.cipher);
             }
             if (s->txn.bind.ip[0])
                 smtpd_log_xbind(&ll, &s->txn.bind);
+            if (s->txn.quarantine)
+                log_kv(&ll, "status", "quarantined");
             log_end(&ll);
         } else {
             log_msg(LOG_WARNING, s->txn.qid, "spool commit failed: %s", strerror(-status));
@@ -1346,6 +1794,15 @@ smtpd_on_commit(int status, void *arg)
     }
     smtpd_session_unref(s);
 }
+
+static void smtpd_discard(struct smtpd_session *s, const char *why);
+static void smtpd_eom_hooks(struct smtpd_session *s);
+static void smtpd_on_hook_header_xbind(struct hook_session *hs, bool has_answer, bool allow,
+                                       void *arg);
+static void smtpd_submit(struct smtpd_session *s, const struct hook_eom_result *r);
+static void smtpd_on_hook_eom(struct hook_session *hs, const struct hook_eom_result *r,
+                              void *arg);
+static void smtpd_on_hook_bdat_data(struct hook_session *hs, const struct verdict *v, void *arg);
 
 /* The whole message is in: check it, then persist it (the reply comes from
  * smtpd_on_commit). */
@@ -1367,8 +1824,132 @@ smtpd_end_of_message(struct smtpd_session *s)
         smtpd_txn_reset(s);
         return;
     }
-    smtpd_xbind_decide(s); /* strips X-Petrel-Bind: before the content is stored */
+    /* strips X-Petrel-Bind: before the content is stored */
+    if (smtpd_xbind_decide(s) && hook_wants(s->hooks, PLUGIN_HOOK_XBIND)) {
+        smtpd_hook_wait(s);
+        hook_xbind(s->hooks, t->bind.ip, t->bind.hostname, smtpd_on_hook_header_xbind, s);
+        return;
+    }
+    smtpd_eom_hooks(s);
+}
 
+/* The X-Petrel-Bind header's binding went to the xbind hook. */
+static void
+smtpd_on_hook_header_xbind(struct hook_session *hs, bool has_answer, bool allow, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (has_answer && !allow) {
+        char reason[SOURCE_IP_SIZE + 64];
+        snprintf(reason, sizeof(reason), "%s: refused by local policy", s->txn.bind.ip);
+        smtpd_log_header_ignored(s, reason);
+        memset(&s->txn.bind, 0, sizeof(s->txn.bind));
+    }
+    smtpd_eom_hooks(s);
+    smtpd_hook_resume(s);
+}
+
+/* The end-of-message hooks (Lua data, milters, plugins), then the spool. */
+static void
+smtpd_eom_hooks(struct smtpd_session *s)
+{
+    struct smtpd_txn *t = &s->txn;
+    if (t->discard) {
+        smtpd_discard(s, "an earlier stage");
+        return;
+    }
+    if (hook_wants(s->hooks, PLUGIN_HOOK_DATA)) {
+        smtpd_hook_wait(s);
+        if (t->bdat && hook_wants_data_command(s->hooks))
+            hook_data(s->hooks, smtpd_on_hook_bdat_data, s); /* then the end of message */
+        else
+            hook_eom(s->hooks, (struct span){ buf_ptr(&t->content), t->content.len }, t->qid,
+                     t->size, smtpd_on_hook_eom, s);
+        return;
+    }
+    smtpd_submit(s, NULL);
+}
+
+/* A policy or filter discarded the message: the client is told it was
+ * accepted (as Postfix does), nothing is stored. */
+static void
+smtpd_discard(struct smtpd_session *s, const char *why)
+{
+    struct smtpd_txn *t = &s->txn;
+    struct log_line ll;
+    smtpd_log_begin(s, &ll, LOG_INFO, "discard", true);
+    log_kv(&ll, "client", "%s", s->client);
+    smtpd_log_addr(&ll, "from", t->sender ? t->sender : "");
+    log_kv(&ll, "nrcpt", "%zu", t->nrcpts);
+    log_kv(&ll, "reason", "discarded by %s", why);
+    log_end(&ll);
+    char text[128];
+    snprintf(text, sizeof(text), "Ok: queued as %s", t->qid);
+    smtpd_reply_text(s, 250, "2.0.0", text);
+    smtpd_txn_reset(s);
+}
+
+static void
+smtpd_on_hook_eom(struct hook_session *hs, const struct hook_eom_result *r, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    const struct verdict *v = r->verdict;
+    if (smtpd_verdict_refuses(v)) {
+        smtpd_reply_verdict(s, s->txn.bdat ? "BDAT" : "DATA", v, NULL);
+        smtpd_txn_reset(s);
+    } else if (v->kind == VERDICT_DISCARD) {
+        smtpd_discard(s, "policy");
+    } else {
+        smtpd_submit(s, r);
+    }
+    smtpd_hook_resume(s);
+}
+
+static void
+smtpd_on_hook_bdat_data(struct hook_session *hs, const struct verdict *v, void *arg)
+{
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    struct smtpd_txn *t = &s->txn;
+    if (smtpd_verdict_refuses(v)) {
+        smtpd_reply_verdict(s, "BDAT", v, NULL);
+        smtpd_txn_reset(s);
+    } else if (v->kind == VERDICT_DISCARD) {
+        smtpd_discard(s, "policy");
+    } else {
+        smtpd_hook_wait(s);
+        hook_eom(hs, (struct span){ buf_ptr(&t->content), t->content.len }, t->qid, t->size,
+                 smtpd_on_hook_eom, s);
+        return;
+    }
+    smtpd_hook_resume(s);
+}
+
+/* Strips one pair of angle brackets a filter may have left around an
+ * address; returns a pointer into a (or into out). */
+static const char *
+smtpd_bare_addr(const char *a, char *out, size_t size)
+{
+    size_t n = strlen(a);
+    if (n >= 2 && a[0] == '<' && a[n - 1] == '>') {
+        if (n - 2 >= size)
+            n = size + 1;
+        memcpy(out, a + 1, n - 2);
+        out[n - 2] = '\0';
+        return out;
+    }
+    return a;
+}
+
+/* Persists the message (the reply comes from smtpd_on_commit), with what
+ * the hooks changed when r is set: content, sender, recipients, quarantine. */
+static void
+smtpd_submit(struct smtpd_session *s, const struct hook_eom_result *r)
+{
+    struct smtpd_txn *t = &s->txn;
     struct buf received;
     buf_init(&received);
     smtpd_build_received(s, &received);
@@ -1378,15 +1959,61 @@ smtpd_end_of_message(struct smtpd_session *s)
     memcpy(env.qid, t->qid, sizeof(env.qid));
     env.arrival_ms = now_ms();
     env.sender = t->sender;
-    struct spool_rcpt *rcpts = xcalloc(t->nrcpts, sizeof(*rcpts));
+    size_t nadd = 0;
+    const struct milter_mods *em = r ? r->envelope : NULL;
+    for (size_t i = 0; em && i < em->n; i++)
+        nadd += em->v[i].kind == MILTER_MOD_ADD_RCPT;
+    struct spool_rcpt *rcpts = xcalloc(t->nrcpts + nadd + 1, sizeof(*rcpts));
+    size_t nr = 0;
     for (size_t i = 0; i < t->nrcpts; i++) {
-        rcpts[i].addr = t->rcpts[i].addr;
-        rcpts[i].orcpt = t->rcpts[i].orcpt;
-        rcpts[i].notify = t->rcpts[i].notify;
-        rcpts[i].state = SPOOL_RCPT_PENDING;
+        rcpts[nr].addr = t->rcpts[i].addr;
+        rcpts[nr].orcpt = t->rcpts[i].orcpt;
+        rcpts[nr].notify = t->rcpts[i].notify;
+        rcpts[nr].state = SPOOL_RCPT_PENDING;
+        nr++;
+    }
+    char addr[SMTP_ADDR_SIZE];
+    for (size_t i = 0; em && i < em->n; i++) {
+        const struct milter_mod *m = &em->v[i]; /* addresses come without <> */
+        switch (m->kind) {
+        case MILTER_MOD_CHANGE_FROM:
+            env.sender = m->value;
+            log_msg(LOG_INFO, t->qid, "sender changed by milter %s: from=<%s>", m->filter,
+                    m->value);
+            break;
+        case MILTER_MOD_ADD_RCPT:
+            rcpts[nr].addr = m->value;
+            rcpts[nr].state = SPOOL_RCPT_PENDING;
+            nr++;
+            log_msg(LOG_INFO, t->qid, "recipient added by milter %s: to=<%s>", m->filter,
+                    m->value);
+            break;
+        case MILTER_MOD_DELETE_RCPT: {
+            const char *a = smtpd_bare_addr(m->value, addr, sizeof(addr));
+            for (size_t j = 0; j < nr;) {
+                if (ascii_casecmp(rcpts[j].addr, a) == 0) {
+                    memmove(&rcpts[j], &rcpts[j + 1], (nr - j - 1) * sizeof(*rcpts));
+                    nr--;
+                } else {
+                    j++;
+                }
+            }
+            log_msg(LOG_INFO, t->qid, "recipient deleted by milter %s: to=<%s>", m->filter, a);
+            break;
+        }
+        default:
+            break;
+        }
+    }
+    if (nr == 0) {
+        /* every recipient was deleted: nothing to deliver */
+        free(rcpts);
+        buf_reset(&received);
+        smtpd_discard(s, "recipient removal");
+        return;
     }
     env.rcpts = rcpts;
-    env.nrcpts = t->nrcpts;
+    env.nrcpts = nr;
     env.size_param = t->params.has_size ? t->params.size : 0;
     env.body = (int)t->params.body;
     env.smtputf8 = t->params.smtputf8;
@@ -1396,14 +2023,23 @@ smtpd_end_of_message(struct smtpd_session *s)
     env.local_ip = (char *)conn_local_ip(s->conn);
     env.client_ip = (char *)conn_peer_ip(s->conn);
     env.client_helo = s->helo;
+    env.auth_user = s->authenticated ? s->auth_user : NULL;
     env.xbind_ip = t->bind.ip[0] ? t->bind.ip : NULL;
     env.xbind_hostname = t->bind.ip[0] ? t->bind.hostname : NULL;
-    env.content_size = received.len + t->content.len;
+    struct span body = { buf_ptr(&t->content), t->content.len };
+    if (r != NULL && r->changed)
+        body = r->content;
+    if (r != NULL && r->verdict->kind == VERDICT_QUARANTINE) {
+        env.flags |= SPOOL_F_QUARANTINED;
+        env.quarantine_reason = (char *)r->verdict->reply.text;
+        t->quarantine = true;
+    }
+    env.content_size = received.len + body.len;
     t->stored_size = env.content_size;
 
     struct span parts[2] = {
         { buf_ptr(&received), received.len },
-        { buf_ptr(&t->content), t->content.len },
+        body,
     };
     s->blocked = true;
     s->refs++;
@@ -1500,6 +2136,181 @@ smtpd_read_bdat(struct smtpd_session *s)
     return true;
 }
 
+/* ---- AUTH (RFC 4954; the building blocks are in auth.h) ------------------ */
+
+static void
+smtpd_log_auth(struct smtpd_session *s, const char *event, const char *why)
+{
+    struct log_line ll;
+    smtpd_log_begin(s, &ll, LOG_INFO, event, false);
+    log_kv(&ll, "client", "%s", s->client);
+    if (s->sasl.user[0])
+        log_kv_vis(&ll, "user", s->sasl.user, strlen(s->sasl.user));
+    log_kv(&ll, "mech", "%s", auth_mech_name(s->sasl.mech));
+    if (why)
+        log_kv(&ll, "reason", "%s", why);
+    log_end(&ll);
+}
+
+/* A failed attempt: 535, counted per client address. */
+static void
+smtpd_auth_failed(struct smtpd_session *s, const struct reply *r, const char *why)
+{
+    smtpd_log_auth(s, "auth failed", why);
+    int64_t now = now_ms();
+    if (s->srv->auth_limiter != NULL
+        && auth_limiter_fail(s->srv->auth_limiter, conn_peer_ip(s->conn), now))
+        log_msg(LOG_WARNING, NULL, "auth: too many failures from %s; AUTH refused for a while",
+                conn_peer_ip(s->conn));
+    smtpd_reply(s, r);
+}
+
+static void
+smtpd_auth_done(struct smtpd_session *s, int status, bool ok)
+{
+    s->state = (enum smtpd_state)s->auth_return;
+    if (status < 0) {
+        smtpd_log_auth(s, "auth unavailable", "password check failed");
+        smtpd_reply(s, &R_AUTH_TEMPFAIL);
+    } else if (!ok) {
+        smtpd_auth_failed(s, &R_AUTH_FAILED, "wrong user name or password");
+    } else {
+        s->authenticated = true;
+        s->auth_mech = s->sasl.mech;
+        if (!str_copy(s->auth_user, sizeof(s->auth_user), s->sasl.user))
+            PANIC("auth user longer than its buffer");
+        smtpd_log_auth(s, "auth", NULL);
+        hook_session_set(s->hooks, "{auth_type}", auth_mech_name(s->auth_mech));
+        hook_session_set(s->hooks, "{auth_authen}", s->auth_user);
+        smtpd_reply(s, &R_AUTH_OK);
+    }
+    auth_sasl_reset(&s->sasl);
+}
+
+static void
+smtpd_on_auth_verify(struct auth_verify *v, int status, bool ok, void *arg)
+{
+    (void)v;
+    struct smtpd_session *s = arg;
+    s->verify = NULL;
+    s->blocked = false;
+    s->refs--;
+    smtpd_auth_done(s, status, ok);
+    smtpd_process(s);
+}
+
+/* Checks the users file (on the threadpool); the session waits. */
+static void
+smtpd_auth_check_file(struct smtpd_session *s)
+{
+    struct smtpd_server *srv = s->srv;
+    if (srv->auth_db == NULL || srv->auth_verifier == NULL) {
+        s->state = (enum smtpd_state)s->auth_return;
+        smtpd_auth_failed(s, &R_AUTH_FAILED, "no auth.users_file and no auth hook answered");
+        auth_sasl_reset(&s->sasl);
+        return;
+    }
+    s->verify = auth_verify(srv->auth_verifier, srv->auth_db, s->sasl.user, s->sasl.password,
+                            smtpd_on_auth_verify, s);
+    /* auth_verify copied the password: wipe ours now */
+    explicit_bzero(s->sasl.password, sizeof(s->sasl.password));
+    if (s->verify == NULL) {
+        smtpd_auth_done(s, -1, false); /* too many checks queued */
+        return;
+    }
+    s->blocked = true;
+    s->refs++;
+}
+
+static void
+smtpd_on_hook_auth(struct hook_session *hs, bool has_answer, bool allow, void *arg)
+{
+    (void)hs;
+    struct smtpd_session *s = arg;
+    smtpd_hook_end(s);
+    if (has_answer)
+        smtpd_auth_done(s, 0, allow);
+    else
+        smtpd_auth_check_file(s);
+    smtpd_hook_resume(s);
+}
+
+/* The exchange produced a user name and password: the auth hook first,
+ * then the users file. */
+static void
+smtpd_auth_verify(struct smtpd_session *s)
+{
+    if (hook_wants(s->hooks, PLUGIN_HOOK_AUTH)) {
+        smtpd_hook_wait(s);
+        hook_auth(s->hooks, s->sasl.user, s->sasl.password, smtpd_on_hook_auth, s);
+        return;
+    }
+    smtpd_auth_check_file(s);
+}
+
+static void
+smtpd_auth_status(struct smtpd_session *s, enum auth_sasl_status st, const struct reply *r)
+{
+    switch (st) {
+    case AUTH_SASL_CONTINUE:
+        s->state = ST_AUTH;
+        smtpd_reply(s, r);
+        return;
+    case AUTH_SASL_DONE:
+        smtpd_auth_verify(s);
+        return;
+    case AUTH_SASL_FAILED:
+        s->state = (enum smtpd_state)s->auth_return;
+        if (r->code == 535)
+            smtpd_auth_failed(s, r, s->sasl.reason);
+        else
+            smtpd_reply(s, r);
+        auth_sasl_reset(&s->sasl);
+        return;
+    }
+}
+
+static void
+smtpd_cmd_auth(struct smtpd_session *s, const struct smtp_cmd *cmd)
+{
+    const struct reply *r = NULL;
+    if (s->lc->auth == LISTENER_AUTH_NONE)
+        r = &R_AUTH_NOT_ENABLED;
+    else if (!s->esmtp)
+        r = &R_BAD_SEQ_EHLO;
+    else if (!s->tls && !s->srv->cfg->auth.allow_plaintext)
+        r = &R_AUTH_ENCRYPT_REQUIRED;
+    else if (s->authenticated)
+        r = &R_AUTH_ALREADY;
+    else if (smtpd_in_txn(s))
+        r = &R_AUTH_IN_TXN;
+    if (r != NULL) {
+        smtpd_reject(s, "AUTH", r, NULL);
+        return;
+    }
+    if (s->srv->auth_limiter != NULL
+        && auth_limiter_blocked(s->srv->auth_limiter, conn_peer_ip(s->conn), now_ms())) {
+        smtpd_reject(s, "AUTH", &R_AUTH_TOO_MANY, NULL);
+        smtpd_close(s);
+        return;
+    }
+    s->auth_return = (int)s->state;
+    const struct reply *reply = NULL;
+    enum auth_sasl_status st = auth_sasl_start(&s->sasl, cmd->args, &reply);
+    smtpd_auth_status(s, st, reply);
+}
+
+/* A line answering a 334 challenge. */
+static void
+smtpd_auth_line(struct smtpd_session *s, struct span line)
+{
+    const struct reply *reply = NULL;
+    enum auth_sasl_status st = auth_sasl_step(&s->sasl, line, &reply);
+    if (st == AUTH_SASL_FAILED && reply == &R_AUTH_CANCELLED)
+        smtpd_log_auth(s, "auth cancelled", NULL);
+    smtpd_auth_status(s, st, reply);
+}
+
 /* ---- dispatch -------------------------------------------------------- */
 
 typedef void smtpd_cmd_fn(struct smtpd_session *s, const struct smtp_cmd *cmd);
@@ -1524,7 +2335,7 @@ static const struct smtpd_cmd_entry smtpd_cmds[] = {
     { SMTP_EXPN, "EXPN", smtpd_cmd_simple },
     { SMTP_HELP, "HELP", smtpd_cmd_simple },
     { SMTP_STARTTLS, "STARTTLS", smtpd_cmd_starttls },
-    { SMTP_AUTH, "AUTH", smtpd_cmd_simple },
+    { SMTP_AUTH, "AUTH", smtpd_cmd_auth },
     { SMTP_XBIND, "XBIND", smtpd_cmd_xbind },
 };
 
@@ -1533,6 +2344,16 @@ smtpd_trace_in(struct smtpd_session *s, struct span line)
 {
     if (!log_enabled(LOG_DEBUG))
         return;
+    if (line.len >= 5 && ascii_ncasecmp(line.p, "AUTH ", 5) == 0) {
+        /* the initial response holds credentials: trace the mechanism only */
+        size_t n = 5;
+        while (n < line.len && line.p[n] == ' ')
+            n++;
+        while (n < line.len && line.p[n] != ' ')
+            n++;
+        if (n < line.len)
+            line.len = n; /* "AUTH PLAIN" (the rest is not logged) */
+    }
     struct log_line ll;
     log_begin(&ll, LOG_DEBUG, s->txn.qid[0] ? s->txn.qid : NULL);
     log_event(&ll, "<<<");
@@ -1544,6 +2365,10 @@ smtpd_trace_in(struct smtpd_session *s, struct span line)
 static void
 smtpd_dispatch(struct smtpd_session *s, struct span line)
 {
+    if (s->state == ST_AUTH) {
+        smtpd_auth_line(s, line); /* not traced: it holds credentials */
+        return;
+    }
     smtpd_trace_in(s, line);
     struct smtp_cmd cmd;
     smtp_parse_command(line, &cmd);
@@ -1556,6 +2381,18 @@ smtpd_dispatch(struct smtpd_session *s, struct span line)
     }
     s->unknown_count++;
     smtpd_reject(s, "UNKNOWN", &R_UNKNOWN_CMD, NULL);
+}
+
+static void
+smtpd_line_too_long(struct smtpd_session *s)
+{
+    if (s->state == ST_AUTH) {
+        auth_sasl_reset(&s->sasl);
+        s->state = (enum smtpd_state)s->auth_return;
+        smtpd_reject(s, "AUTH", &R_AUTH_TOO_LONG, NULL);
+        return;
+    }
+    smtpd_reject(s, "CMD", &R_LINE_TOO_LONG, NULL);
 }
 
 /* Runs pipelined commands until input runs out or the session blocks. */
@@ -1596,11 +2433,11 @@ smtpd_process(struct smtpd_session *s)
             }
             buf_consume(in, (size_t)(crlf - p) + 2);
             s->skipping = false;
-            smtpd_reject(s, "CMD", &R_LINE_TOO_LONG, NULL);
+            smtpd_line_too_long(s);
         } else if (s->skipping) {
             buf_consume(in, used);
             s->skipping = false;
-            smtpd_reject(s, "CMD", &R_LINE_TOO_LONG, NULL);
+            smtpd_line_too_long(s);
         } else {
             /* the line points into the input buffer: copy before consuming */
             char stack[2048];

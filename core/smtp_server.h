@@ -14,7 +14,11 @@
 #include "config.h"
 #include "reply.h"
 
+struct auth_db;
+struct auth_limiter;
+struct auth_verifier;
 struct conn;
+struct hooks;
 struct spool;
 struct smtpd_server;
 
@@ -31,6 +35,16 @@ struct smtpd_server *smtpd_server_new(struct petrel_config *cfg, struct spool *s
 const char *smtpd_server_tls_error(const struct smtpd_server *srv);
 /* Frees the server; every session must have ended. NULL is a no-op. */
 void smtpd_server_free(struct smtpd_server *srv);
+
+/* SMTP AUTH: the users file, the password checker and the failure
+ * limiter (all borrowed, server-wide, may be NULL: no users file, no
+ * checks / no limit). */
+void smtpd_server_set_auth(struct smtpd_server *srv, const struct auth_db *db,
+                           struct auth_verifier *av, struct auth_limiter *lim);
+
+/* The hook registry (Lua, milters, plugins) sessions started from now on
+ * consult; borrowed, must outlive them. NULL: none. */
+void smtpd_server_set_hooks(struct smtpd_server *srv, struct hooks *h);
 
 /* Called after a message is durably queued (before its 250 is sent). */
 typedef void smtpd_queued_cb(const char *qid, void *arg);
