@@ -17,6 +17,17 @@
  *
  * Message content is read with spool_read_content (a pread from the page
  * cache, synchronous on the loop).
+ *
+ * Hooks (hooks.h; see scheduler.h for what each point does). Without any
+ * registered hook every path below is the synchronous one. With hooks:
+ *   a plan (struct sched_plan) holds a message's due recipients (busy)
+ *   while route and then select_source answer, then turns them into jobs;
+ *   a pending outcome (struct sched_pend) holds a finished transaction's
+ *   replies, the built-in decisions and the returned content while retry
+ *   and then bounce answer, then is applied exactly as a synchronous one
+ *   (records queued in one loop turn);
+ *   event calls (struct sched_ev) start from the commit callbacks.
+ * Each is on a list of the scheduler, so stop and free can cancel them.
  */
 #include "scheduler.h"
 
@@ -30,6 +41,7 @@
 #include "buf.h"
 #include "config.h"
 #include "dns.h"
+#include "hooks.h"
 #include "log.h"
 #include "route.h"
 #include "smtp_client.h"
@@ -95,6 +107,10 @@ struct sched_msg {
     bool removing;
 };
 
+struct sched_plan;
+struct sched_pend;
+struct sched_ev;
+
 struct sched_wake {
     int64_t at_ms;
     char qid[SPOOL_QID_SIZE];
@@ -118,12 +134,19 @@ struct sched {
     void *idle_arg;
     char (*locals)[SOURCE_IP_SIZE];   /* owned: the machine's non-loopback addresses */
     size_t nlocals;
+    struct hooks *hooks;              /* borrowed or NULL: the delivery hooks */
+    struct sched_plan *plans;         /* owned: recipients waiting for route/select_source */
+    struct sched_pend *pends;         /* owned: outcomes waiting for retry/bounce */
+    struct sched_ev *events;          /* owned: event calls in flight */
 };
 
 static void sched_pump(struct sched *s, struct sched_dest *d);
 static void sched_consider(struct sched *s, const char *qid);
 static void sched_sess_next(struct sched_sess *ss);
 static void sched_settle(struct sched *s, struct sched_msg *m);
+static void sched_check_idle(struct sched *s);
+static void sched_plan_start(struct sched *s, const struct spool_envelope *env, size_t *due,
+                             size_t n);
 
 /* ---- small tables ------------------------------------------------------ */
 
@@ -298,6 +321,27 @@ sched_retry_decide(const struct petrel_config *cfg, uint32_t attempts, int64_t a
     out->next_ms = now_ms_ + (int64_t)wait;
 }
 
+void
+sched_retry_decide_hook(const struct petrel_config *cfg, uint32_t attempts, int64_t arrival_ms,
+                        int64_t now_ms_, const struct sched_retry_hook *hook,
+                        struct sched_retry *out)
+{
+    if (hook == NULL || !hook->set) {
+        sched_retry_decide(cfg, attempts, arrival_ms, now_ms_, out);
+        return;
+    }
+    out->give_up = false;
+    out->next_ms = now_ms_;
+    int64_t deadline = arrival_ms + (int64_t)cfg->retry.max_age_ms;
+    if (hook->bounce || now_ms_ >= deadline) {
+        out->give_up = true;
+        return;
+    }
+    uint64_t left = (uint64_t)(deadline - now_ms_);
+    uint64_t wait = hook->seconds > left / 1000 ? left : hook->seconds * 1000;
+    out->next_ms = now_ms_ + (int64_t)wait;
+}
+
 /* ---- consider: turn due recipients into jobs --------------------------- */
 
 /* The recipient's domain, lower-cased, into out. */
@@ -311,10 +355,11 @@ sched_rcpt_domain(const char *rcpt, char *out, size_t size)
     out[n] = '\0';
 }
 
-/* Source selection for the recipients of env going to rcpt_domain. */
+/* Source selection for the recipients of env going to rcpt_domain; hook_ip
+ * and hook_hostname: the select_source hook's checked answer, or NULL. */
 static void
 sched_source_for(struct sched *s, const struct spool_envelope *env, const char *rcpt_domain,
-                 struct source_choice *out)
+                 const char *hook_ip, const char *hook_hostname, struct source_choice *out)
 {
     struct source_locals locals = { s->locals, s->nlocals };
     struct source_query q = {
@@ -325,6 +370,8 @@ sched_source_for(struct sched *s, const struct spool_envelope *env, const char *
         .client_ip = env->client_ip,
         .xbind_ip = env->xbind_ip,
         .xbind_hostname = env->xbind_hostname,
+        .hook_ip = hook_ip,
+        .hook_hostname = hook_hostname,
     };
     source_select(s->cfg, &locals, &q, NULL, out);
 }
@@ -355,6 +402,79 @@ sched_job_pop(struct sched_dest *d)
     return j;
 }
 
+/* The jobs one pass opens: one per destination, split at
+ * SCHED_RCPTS_PER_TXN recipients. */
+struct sched_batch {
+    struct sched_dest **dests;        /* owned: destination of each open job */
+    struct sched_job **jobs;          /* owned: the open jobs (owned by their destination) */
+    size_t nopen;
+    struct sched_dest **touched;      /* owned: destinations that got a job */
+    size_t ntouched;
+};
+
+static void
+sched_batch_init(struct sched_batch *b, size_t nrcpts)
+{
+    size_t n = nrcpts ? nrcpts : 1;
+    b->dests = xcalloc(n, sizeof(*b->dests));
+    b->jobs = xcalloc(n, sizeof(*b->jobs));
+    b->touched = xcalloc(n, sizeof(*b->touched));
+    b->nopen = b->ntouched = 0;
+}
+
+/* Adds recipient i of message qid to d's open job; left: recipients of the
+ * pass not yet added, counting this one (sizes a new job). */
+static void
+sched_batch_add(struct sched_batch *b, struct sched_dest *d, const char *qid, size_t i,
+                size_t left)
+{
+    size_t k = 0;
+    while (k < b->nopen && b->dests[k] != d)
+        k++;
+    if (k == b->nopen || b->jobs[k]->n == b->jobs[k]->cap) {
+        /* sized for the recipients left, not for a full transaction: a
+         * backlog of one-recipient messages stays small in memory */
+        size_t cap = left < SCHED_RCPTS_PER_TXN ? left : SCHED_RCPTS_PER_TXN;
+        struct sched_job *j = xcalloc(1, sizeof(*j) + cap * sizeof(j->idx[0]));
+        j->cap = cap;
+        memcpy(j->qid, qid, sizeof(j->qid));
+        sched_job_append(d, j);
+        if (k == b->nopen)
+            b->nopen++;
+        b->dests[k] = d;
+        b->jobs[k] = j;
+        size_t t = 0;
+        while (t < b->ntouched && b->touched[t] != d)
+            t++;
+        if (t == b->ntouched)
+            b->touched[b->ntouched++] = d;
+    }
+    b->jobs[k]->idx[b->jobs[k]->n++] = i;
+}
+
+/* Starts what the pass queued and frees the batch. */
+static void
+sched_batch_run(struct sched *s, struct sched_batch *b)
+{
+    for (size_t t = 0; t < b->ntouched; t++)
+        sched_pump(s, b->touched[t]);
+    free(b->dests);
+    free(b->jobs);
+    free(b->touched);
+}
+
+/* Whether due recipients of env must wait for route / select_source. */
+static bool
+sched_plan_wanted(const struct sched *s, const struct spool_envelope *env)
+{
+    if (s->hooks == NULL || s->stopping)
+        return false;
+    if (hooks_have(s->hooks, PLUGIN_HOOK_ROUTE))
+        return true;
+    return hooks_have(s->hooks, PLUGIN_HOOK_SELECT_SOURCE)
+           && !(env->xbind_ip != NULL && env->xbind_ip[0] != '\0');
+}
+
 static void
 sched_consider(struct sched *s, const char *qid)
 {
@@ -368,12 +488,14 @@ sched_consider(struct sched *s, const char *qid)
     }
     int64_t now = now_ms();
     int64_t earliest = INT64_MAX;
-    /* open jobs, one per destination seen in this pass */
-    struct sched_dest **dests = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*dests));
-    struct sched_job **jobs = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*jobs));
-    size_t nopen = 0;
-    struct sched_dest **touched = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*touched));
-    size_t ntouched = 0;
+    /* with route / select_source hooks, the due recipients wait in a plan */
+    bool plan = sched_plan_wanted(s, env);
+    size_t *due = NULL;
+    size_t ndue = 0;
+    struct sched_batch b;
+    sched_batch_init(&b, plan ? 0 : env->nrcpts);
+    if (plan)
+        due = xcalloc(env->nrcpts ? env->nrcpts : 1, sizeof(*due));
     /* one source choice per recipient domain in this pass, so a random pick
      * does not scatter one message's recipients over several connections */
     char last_domain[SMTP_DOMAIN_MAX + 1] = "";
@@ -392,63 +514,460 @@ sched_consider(struct sched *s, const char *qid)
             continue;
         if (s->stopping)
             continue;
+        m->busy[i] = 1;
+        if (plan) {
+            due[ndue++] = i;
+            continue;
+        }
         char domain[SMTP_DOMAIN_MAX + 1];
         sched_rcpt_domain(r->addr, domain, sizeof(domain));
         struct route rt;
         route_for_domain(s->cfg, domain, &rt);
         if (!have_src || strcmp(domain, last_domain) != 0) {
-            sched_source_for(s, env, domain, &src);
+            sched_source_for(s, env, domain, NULL, NULL, &src);
             memcpy(last_domain, domain, sizeof(last_domain));
             have_src = true;
         }
-        struct sched_dest *d = sched_dest_get(s, &rt, &src);
-        size_t k = 0;
-        while (k < nopen && dests[k] != d)
-            k++;
-        if (k == nopen || jobs[k]->n == jobs[k]->cap) {
-            /* sized for the recipients left, not for a full transaction: a
-             * backlog of one-recipient messages stays small in memory */
-            size_t left = env->nrcpts - i;
-            size_t cap = left < SCHED_RCPTS_PER_TXN ? left : SCHED_RCPTS_PER_TXN;
-            struct sched_job *j = xcalloc(1, sizeof(*j) + cap * sizeof(j->idx[0]));
-            j->cap = cap;
-            memcpy(j->qid, qid, sizeof(j->qid));
-            sched_job_append(d, j);
-            if (k == nopen)
-                nopen++;
-            dests[k] = d;
-            jobs[k] = j;
-            size_t t = 0;
-            while (t < ntouched && touched[t] != d)
-                t++;
-            if (t == ntouched)
-                touched[ntouched++] = d;
-        }
-        jobs[k]->idx[jobs[k]->n++] = i;
-        m->busy[i] = 1;
+        sched_batch_add(&b, sched_dest_get(s, &rt, &src), qid, i, env->nrcpts - i);
     }
     if (earliest != INT64_MAX)
         sched_heap_push(s, earliest, qid);
-    if (ntouched == 0 && earliest == INT64_MAX && !m->removing && m->commits == 0) {
+    if (ndue > 0) {
+        sched_plan_start(s, env, due, ndue); /* takes due */
+        sched_batch_run(s, &b);
+        sched_msg_release(s, m);
+        return;
+    }
+    free(due);
+    if (b.ntouched == 0 && earliest == INT64_MAX && !m->removing && m->commits == 0) {
         bool idle = true;
         for (size_t i = 0; i < m->nrcpts; i++)
             idle = idle && !m->busy[i];
         if (idle) {
             /* every recipient is final (e.g. recovered after a crash that
              * came before the removal): remove the message */
-            free(dests);
-            free(jobs);
-            free(touched);
+            sched_batch_run(s, &b);
             sched_settle(s, m);
             return;
         }
     }
-    for (size_t t = 0; t < ntouched; t++)
-        sched_pump(s, touched[t]);
-    free(dests);
-    free(jobs);
-    free(touched);
+    sched_batch_run(s, &b);
     sched_msg_release(s, m);
+}
+
+/* ---- hook arguments ------------------------------------------------------ */
+
+/* A message's header fields for the msg view, parsed from its content. */
+struct sched_headers {
+    struct plua_header *v;            /* owned array; strings in store */
+    size_t n;
+    char *store;                      /* owned */
+};
+
+/* Offset just past the header section's last CRLF (before the empty
+ * line), or content.len when the message has no body. */
+static size_t
+sched_header_end(struct span c)
+{
+    if (c.len < 4)
+        return c.len >= 2 && c.p[0] == '\r' && c.p[1] == '\n' ? 0 : c.len;
+    if (c.p[0] == '\r' && c.p[1] == '\n')
+        return 0;
+    const char *e = memmem(c.p, c.len, "\r\n\r\n", 4);
+    return e ? (size_t)(e - c.p) + 2 : c.len;
+}
+
+/* Name and value (after the colon, leading blanks dropped, folding line
+ * ends removed) of every field of the header section. */
+static void
+sched_headers_parse(struct span c, struct sched_headers *out)
+{
+    size_t end = sched_header_end(c);
+    size_t cap = 1;
+    for (size_t i = 0; i < end; i++)
+        cap += c.p[i] == '\n';
+    out->v = xcalloc(cap, sizeof(*out->v));
+    out->store = xmalloc(end + 2 * cap);
+    out->n = 0;
+    char *w = out->store;
+    size_t i = 0;
+    while (i < end && out->n < cap) {
+        size_t j = i; /* the field ends at a line end not followed by a blank */
+        for (;;) {
+            const char *nl = memchr(c.p + j, '\n', end - j);
+            j = nl ? (size_t)(nl - c.p) + 1 : end;
+            if (j >= end || (c.p[j] != ' ' && c.p[j] != '\t'))
+                break;
+        }
+        const char *colon = memchr(c.p + i, ':', j - i);
+        if (colon != NULL) {
+            size_t nlen = (size_t)(colon - (c.p + i));
+            out->v[out->n].name = w;
+            memcpy(w, c.p + i, nlen);
+            w += nlen;
+            *w++ = '\0';
+            out->v[out->n].value = w;
+            size_t k = (size_t)(colon - c.p) + 1;
+            while (k < j && (c.p[k] == ' ' || c.p[k] == '\t'))
+                k++;
+            for (; k < j; k++)
+                if (c.p[k] != '\r' && c.p[k] != '\n' && c.p[k] != '\0')
+                    *w++ = c.p[k];
+            *w++ = '\0';
+            out->n++;
+        }
+        i = j;
+    }
+}
+
+/* The headers of content, or of qid's stored content when content is empty. */
+static void
+sched_headers_load(const struct sched *s, const char *qid, const struct buf *content,
+                   struct sched_headers *out)
+{
+    if (content != NULL && content->len > 0) {
+        sched_headers_parse((struct span){ buf_ptr(content), content->len }, out);
+        return;
+    }
+    struct buf b;
+    buf_init(&b);
+    if (spool_read_content(s->spool, qid, &b) != 0)
+        buf_reset(&b); /* no headers then */
+    sched_headers_parse((struct span){ buf_ptr(&b), b.len }, out);
+    buf_reset(&b);
+}
+
+static void
+sched_headers_free(struct sched_headers *h)
+{
+    free(h->v);
+    free(h->store);
+    memset(h, 0, sizeof(*h));
+}
+
+/* msg = {id, from, size, age, headers} of env into a. */
+static void
+sched_msg_args(const struct spool_envelope *env, const struct sched_headers *h, int64_t now,
+               struct plua_args *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->queue_id = env->qid;
+    a->from = env->sender;
+    a->size = env->content_size;
+    a->age = now > env->arrival_ms ? (uint64_t)(now - env->arrival_ms) / 1000 : 0;
+    a->headers = h->v;
+    a->nheaders = h->n;
+    a->listener = env->listener;
+    a->local_ip = env->local_ip;
+    a->ip = env->client_ip;
+    a->helo = env->client_helo;
+    a->xbind_ip = env->xbind_ip;
+    a->xbind_hostname = env->xbind_hostname;
+}
+
+/* ---- plans: route and select_source ------------------------------------- */
+
+struct sched_plan_rcpt {
+    struct sched_plan *plan;          /* borrowed: the owner */
+    size_t idx;                       /* recipient index in the envelope */
+    size_t dom;                       /* index into plan->doms */
+    struct route route;
+    struct hooks_call *call;          /* pending route call, or NULL */
+};
+
+struct sched_plan_dom {
+    struct sched_plan *plan;          /* borrowed: the owner */
+    char domain[SMTP_DOMAIN_MAX + 1];
+    struct hooks_call *call;          /* pending select_source call, or NULL */
+    char *ip, *hostname;              /* owned: the hook's checked answer, or NULL */
+};
+
+struct sched_plan {
+    struct sched_plan *prev, *next;   /* s->plans */
+    struct sched *s;                  /* borrowed */
+    char qid[SPOOL_QID_SIZE];
+    struct sched_plan_rcpt *rcpts;    /* owned: the due recipients (busy in sched_msg) */
+    size_t n;
+    struct sched_plan_dom *doms;      /* owned: their distinct domains */
+    size_t ndoms;
+    size_t pending;                   /* hook calls outstanding in this phase */
+    struct sched_headers headers;     /* owned */
+};
+
+static void
+sched_plan_free(struct sched_plan *p)
+{
+    struct sched *s = p->s;
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        s->plans = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    for (size_t k = 0; k < p->n; k++)
+        hooks_call_cancel(p->rcpts[k].call);
+    for (size_t d = 0; d < p->ndoms; d++) {
+        hooks_call_cancel(p->doms[d].call);
+        free(p->doms[d].ip);
+        free(p->doms[d].hostname);
+    }
+    free(p->rcpts);
+    free(p->doms);
+    sched_headers_free(&p->headers);
+    free(p);
+}
+
+/* Gives the plan's recipients back (not delivered now) and frees it. */
+static void
+sched_plan_drop(struct sched_plan *p)
+{
+    struct sched *s = p->s;
+    struct sched_msg *m = sched_msg_find(s, p->qid);
+    if (m != NULL)
+        for (size_t k = 0; k < p->n; k++)
+            if (p->rcpts[k].idx < m->nrcpts)
+                m->busy[p->rcpts[k].idx] = 0;
+    sched_plan_free(p);
+    if (m != NULL)
+        sched_msg_release(s, m);
+}
+
+/* Every answer is in: the recipients become jobs. */
+static void
+sched_plan_finish(struct sched_plan *p)
+{
+    struct sched *s = p->s;
+    const struct spool_envelope *env = spool_get(s->spool, p->qid);
+    struct sched_msg *m = sched_msg_find(s, p->qid);
+    if (env == NULL || m == NULL || m->removing || s->stopping) {
+        sched_plan_drop(p);
+        return;
+    }
+    struct sched_batch b;
+    sched_batch_init(&b, p->n);
+    struct source_choice *src = xcalloc(p->ndoms ? p->ndoms : 1, sizeof(*src));
+    for (size_t d = 0; d < p->ndoms; d++)
+        sched_source_for(s, env, p->doms[d].domain, p->doms[d].ip, p->doms[d].hostname,
+                         &src[d]);
+    for (size_t k = 0; k < p->n; k++) {
+        const struct sched_plan_rcpt *r = &p->rcpts[k];
+        sched_batch_add(&b, sched_dest_get(s, &r->route, &src[r->dom]), p->qid, r->idx,
+                        p->n - k);
+    }
+    free(src);
+    /* the recipients now belong to their jobs: only the plan goes */
+    sched_plan_free(p);
+    sched_batch_run(s, &b);
+}
+
+static void
+sched_on_source(struct hooks_call *c, struct plua_result *res, void *arg)
+{
+    struct sched_plan_dom *d = arg;
+    struct sched_plan *p = d->plan;
+    (void)c;
+    d->call = NULL;
+    if (res->status == PLUA_OK && res->source_ip != NULL) {
+        const char *why = source_check_hook(res->source_ip, res->source_hostname);
+        if (why == NULL) {
+            d->ip = res->source_ip;
+            d->hostname = res->source_hostname;
+            res->source_ip = res->source_hostname = NULL;
+        } else {
+            char vis[128];
+            log_msg(LOG_WARNING, p->qid, "hook select_source: %s for %s: %s; using the "
+                    "configured source selection",
+                    str_vis(vis, sizeof(vis), res->source_ip, strlen(res->source_ip)),
+                    d->domain, why);
+        }
+    }
+    if (--p->pending == 0)
+        sched_plan_finish(p);
+}
+
+/* Routes are known: one select_source call per recipient domain (unless an
+ * XBIND override decides), then the jobs. */
+static void
+sched_plan_sources(struct sched_plan *p)
+{
+    struct sched *s = p->s;
+    const struct spool_envelope *env = spool_get(s->spool, p->qid);
+    if (env == NULL || s->stopping || s->hooks == NULL
+        || !hooks_have(s->hooks, PLUGIN_HOOK_SELECT_SOURCE)
+        || (env->xbind_ip != NULL && env->xbind_ip[0] != '\0')) {
+        sched_plan_finish(p);
+        return;
+    }
+    int64_t now = now_ms();
+    p->pending = p->ndoms;
+    for (size_t d = 0; d < p->ndoms; d++) {
+        struct plua_args a;
+        sched_msg_args(env, &p->headers, now, &a);
+        a.destination = p->doms[d].domain;
+        p->doms[d].call = hooks_call(s->hooks, PLUGIN_HOOK_SELECT_SOURCE, &a, sched_on_source,
+                                     &p->doms[d]);
+    }
+}
+
+/* The route hook's answer for recipient rcpt (domain), or the configured
+ * route when it gave none or an invalid one (logged). */
+static void
+sched_hook_route(const struct sched *s, const char *qid, const char *rcpt, const char *domain,
+                 const struct plua_result *res, struct route *out)
+{
+    if (res->status == PLUA_OK && res->route != NULL) {
+        const char *why = route_parse(res->route, out);
+        if (why == NULL) {
+            if (out->kind == ROUTE_MX && out->host[0] == '\0')
+                route_for_domain(NULL, domain, out); /* "mx": the recipient domain's own */
+            return;
+        }
+        char v1[600], v2[300];
+        log_msg(LOG_WARNING, qid, "hook route: <%s>: invalid route \"%s\": %s; using the "
+                "configured routes", str_vis(v1, sizeof(v1), rcpt, strlen(rcpt)),
+                str_vis(v2, sizeof(v2), res->route, strlen(res->route)), why);
+    }
+    route_for_domain(s->cfg, domain, out);
+}
+
+static void
+sched_on_route(struct hooks_call *c, struct plua_result *res, void *arg)
+{
+    struct sched_plan_rcpt *r = arg;
+    struct sched_plan *p = r->plan;
+    struct sched *s = p->s;
+    (void)c;
+    r->call = NULL;
+    const struct spool_envelope *env = spool_get(s->spool, p->qid);
+    if (env != NULL && r->idx < env->nrcpts)
+        sched_hook_route(s, p->qid, env->rcpts[r->idx].addr, p->doms[r->dom].domain, res,
+                         &r->route);
+    if (--p->pending == 0)
+        sched_plan_sources(p);
+}
+
+/* Takes due (n recipient indexes of env, already marked busy). */
+static void
+sched_plan_start(struct sched *s, const struct spool_envelope *env, size_t *due, size_t n)
+{
+    struct sched_plan *p = xcalloc(1, sizeof(*p));
+    p->s = s;
+    memcpy(p->qid, env->qid, sizeof(p->qid));
+    p->n = n;
+    p->rcpts = xcalloc(n, sizeof(*p->rcpts));
+    p->doms = xcalloc(n, sizeof(*p->doms));
+    for (size_t k = 0; k < n; k++) {
+        struct sched_plan_rcpt *r = &p->rcpts[k];
+        r->plan = p;
+        r->idx = due[k];
+        char domain[SMTP_DOMAIN_MAX + 1];
+        sched_rcpt_domain(env->rcpts[r->idx].addr, domain, sizeof(domain));
+        size_t d = 0;
+        while (d < p->ndoms && strcmp(p->doms[d].domain, domain) != 0)
+            d++;
+        if (d == p->ndoms) {
+            p->doms[d].plan = p;
+            memcpy(p->doms[d].domain, domain, sizeof(domain));
+            p->ndoms++;
+        }
+        r->dom = d;
+    }
+    free(due);
+    p->next = s->plans;
+    if (s->plans)
+        s->plans->prev = p;
+    s->plans = p;
+    sched_headers_load(s, p->qid, NULL, &p->headers);
+    if (!hooks_have(s->hooks, PLUGIN_HOOK_ROUTE)) {
+        for (size_t k = 0; k < n; k++)
+            route_for_domain(s->cfg, p->doms[p->rcpts[k].dom].domain, &p->rcpts[k].route);
+        sched_plan_sources(p);
+        return;
+    }
+    int64_t now = now_ms();
+    p->pending = n;
+    for (size_t k = 0; k < n; k++) {
+        struct plua_args a;
+        sched_msg_args(env, &p->headers, now, &a);
+        a.rcpt = env->rcpts[p->rcpts[k].idx].addr;
+        p->rcpts[k].call = hooks_call(s->hooks, PLUGIN_HOOK_ROUTE, &a, sched_on_route,
+                                      &p->rcpts[k]);
+    }
+}
+
+/* ---- events ------------------------------------------------------------- */
+
+struct sched_ev {
+    struct sched_ev *prev, *next;     /* s->events */
+    struct sched *s;                  /* borrowed */
+    struct hooks_call *call;          /* owned until it completes */
+};
+
+/* What a recipient's commit tells the event hook once it is durable. */
+struct sched_ev_info {
+    const char *type;                 /* static: "delivered", "deferred", "bounced" */
+    char *rcpt;                       /* owned */
+    int code;
+    char esc[16];
+    char *text;                       /* owned */
+};
+
+static void
+sched_ev_unlink(struct sched_ev *ev)
+{
+    struct sched *s = ev->s;
+    if (ev->prev)
+        ev->prev->next = ev->next;
+    else
+        s->events = ev->next;
+    if (ev->next)
+        ev->next->prev = ev->prev;
+}
+
+static void
+sched_on_event(struct hooks_call *c, struct plua_result *res, void *arg)
+{
+    struct sched_ev *ev = arg;
+    struct sched *s = ev->s;
+    (void)c;
+    (void)res;
+    sched_ev_unlink(ev);
+    free(ev);
+    sched_check_idle(s);
+}
+
+/* Drops the event calls in flight (no callbacks). */
+static void
+sched_events_cancel(struct sched *s)
+{
+    while (s->events != NULL) {
+        struct sched_ev *ev = s->events;
+        sched_ev_unlink(ev);
+        hooks_call_cancel(ev->call);
+        free(ev);
+    }
+}
+
+static void
+sched_event_fire(struct sched *s, const char *qid, const struct sched_ev_info *info)
+{
+    if (s->hooks == NULL)
+        return;
+    struct plua_args a;
+    memset(&a, 0, sizeof(a));
+    a.event_type = info->type;
+    a.queue_id = qid;
+    a.rcpt = info->rcpt;
+    a.reply_code = info->code;
+    a.reply_esc = info->esc[0] ? info->esc : NULL;
+    a.reply_text = info->text;
+    struct sched_ev *ev = xcalloc(1, sizeof(*ev));
+    ev->s = s;
+    ev->next = s->events;
+    if (s->events)
+        s->events->prev = ev;
+    s->events = ev;
+    ev->call = hooks_call(s->hooks, PLUGIN_HOOK_EVENT, &a, sched_on_event, ev);
 }
 
 /* ---- outcomes ---------------------------------------------------------- */
@@ -457,7 +976,19 @@ struct sched_commit {
     struct sched *s;
     char qid[SPOOL_QID_SIZE];
     size_t idx;          /* recipient index, or SIZE_MAX for whole-message records */
+    struct sched_ev_info *ev; /* owned or NULL: the event to report once durable */
 };
+
+static void
+sched_commit_free(struct sched_commit *sc)
+{
+    if (sc->ev != NULL) {
+        free(sc->ev->rcpt);
+        free(sc->ev->text);
+        free(sc->ev);
+    }
+    free(sc);
+}
 
 static void
 sched_on_remove(int status, void *arg)
@@ -518,13 +1049,14 @@ sched_on_update(int status, void *arg)
     if (status != 0)
         log_msg(LOG_WARNING, sc->qid, "spool: cannot record delivery state: %s",
                 strerror(-status));
-    if (m) {
-        if (sc->idx < m->nrcpts)
-            m->busy[sc->idx] = 0;
-        if (--m->commits == 0)
-            sched_settle(s, m);
-    }
-    free(sc);
+    if (m && sc->idx < m->nrcpts)
+        m->busy[sc->idx] = 0;
+    /* durable now: tell the event hook (fire and forget) */
+    if (status == 0 && sc->ev != NULL)
+        sched_event_fire(s, sc->qid, sc->ev);
+    if (m && --m->commits == 0)
+        sched_settle(s, m);
+    sched_commit_free(sc);
 }
 
 static void
@@ -556,10 +1088,12 @@ sched_reply_text(const struct smtpc_reply *r, char *out, size_t size)
         snprintf(out, size, "%d %s", r->code, r->text);
 }
 
-/* Queues a DSN (failure or success) about env for the listed recipients. */
+/* Queues a DSN (failure or success) about env for the listed recipients;
+ * subject and text: the bounce hook's wording, or NULL for the default. */
 static void
 sched_notify(struct sched *s, const struct spool_envelope *env, const struct span original,
-             const struct bounce_rcpt *brs, size_t n, enum bounce_action action)
+             const struct bounce_rcpt *brs, size_t n, enum bounce_action action,
+             const char *subject, const char *text)
 {
     struct spool_envelope b;
     memset(&b, 0, sizeof(b));
@@ -581,6 +1115,8 @@ sched_notify(struct sched *s, const struct spool_envelope *env, const struct spa
     p.nrcpts = n;
     p.original = original;
     p.message_id = msgid;
+    p.subject = subject;
+    p.text = text;
     struct buf content;
     buf_init(&content);
     bounce_build(&content, &p);
@@ -610,6 +1146,12 @@ sched_notify(struct sched *s, const struct spool_envelope *env, const struct spa
             action == BOUNCE_FAILED ? "non-delivery" : "delivery status", b.qid);
 }
 
+struct sched_tls_fields {             /* a session's TLS log fields, kept past its end */
+    size_t n;
+    const char *names[LOG_FIELDS_MAX]; /* borrowed string literals */
+    char *vals[LOG_FIELDS_MAX];       /* owned */
+};
+
 struct sched_outcome {
     const struct sched_dest *dest; /* its source choice (why) */
     const char *helo;           /* EHLO name said, or NULL (none connected) */
@@ -619,14 +1161,36 @@ struct sched_outcome {
     bool server_dsn;            /* next hop advertised DSN */
     bool lmtp;
     const struct smtpc *smtpc;  /* the session, for its TLS log fields; or NULL */
+    const struct sched_tls_fields *tls; /* or these, captured (smtpc NULL) */
 };
 
+/* What becomes of one recipient of a finished transaction. */
+enum sched_verdict { SV_SENT, SV_FAIL, SV_DEFER };
+
+struct sched_decision {
+    enum sched_verdict v;
+    uint32_t attempts;          /* this attempt's number (1 = the first) */
+    int64_t next_ms;            /* SV_DEFER: the next attempt */
+    bool ask_retry;             /* temporary failure the retry hook decides */
+};
+
+/* Whether a failure of cur produces a non-delivery DSN. */
+static bool
+sched_wants_dsn(const struct sched *s, const struct spool_rcpt *cur)
+{
+    return (cur->notify == 0 || (cur->notify & SMTP_NOTIFY_FAILURE)) && s->cfg->bounce.enabled;
+}
+
 /* Applies one transaction's (or a destination failure's) replies to the
- * job's recipients: logs, notifications, spool records. replies[i] belongs
- * to job->idx[i]. original may be empty (read here when a DSN needs it). */
+ * job's recipients, as decided: logs, notifications, spool records.
+ * replies[i] belongs to job->idx[i]. content may be NULL or empty (the
+ * original is read here when a DSN needs it). subject and text: the bounce
+ * hook's, or NULL. */
 static void
-sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply *const *replies,
-               const struct sched_outcome *oc, const struct buf *content)
+sched_job_apply(struct sched *s, const struct sched_job *job,
+                const struct smtpc_reply *const *replies, const struct sched_decision *dec,
+                const struct sched_outcome *oc, const struct buf *content, const char *subject,
+                const char *text)
 {
     const struct spool_envelope *env = spool_get(s->spool, job->qid);
     struct sched_msg *m = sched_msg_find(s, job->qid);
@@ -640,6 +1204,7 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
         return; /* deleted meanwhile */
     }
     int64_t now = now_ms();
+    bool events = hooks_have(s->hooks, PLUGIN_HOOK_EVENT);
     struct bounce_rcpt *failed = xcalloc(job->n, sizeof(*failed));
     struct bounce_rcpt *success = xcalloc(job->n, sizeof(*success));
     char (*diag)[600] = xcalloc(job->n, sizeof(*diag));
@@ -652,12 +1217,12 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
         const struct smtpc_reply *rp = replies[k];
         struct spool_rcpt *st = &next[k];
         *st = *cur;
-        st->attempts = cur->attempts + 1;
+        st->attempts = dec[k].attempts;
         st->updated_ms = now;
         sched_reply_text(rp, diag[k], sizeof(diag[k]));
         st->last_reply = diag[k];
         const char *status;
-        if (rp->code >= 200 && rp->code < 300) {
+        if (dec[k].v == SV_SENT) {
             st->state = SPOOL_RCPT_DELIVERED;
             status = "sent";
             if ((cur->notify & SMTP_NOTIFY_SUCCESS) && !oc->server_dsn && env->sender[0]) {
@@ -670,30 +1235,23 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
                 b->diagnostic = diag[k];
                 b->last_attempt_ms = now;
             }
-        } else {
-            bool perm = rp->code >= 500;
-            struct sched_retry rd;
-            if (!perm)
-                sched_retry_decide(s->cfg, st->attempts, env->arrival_ms, now, &rd);
-            if (perm || rd.give_up) {
-                st->state = SPOOL_RCPT_FAILED;
-                status = "bounced";
-                bool wants = cur->notify == 0 || (cur->notify & SMTP_NOTIFY_FAILURE);
-                if (wants && s->cfg->bounce.enabled) {
-                    struct bounce_rcpt *b = &failed[nfailed++];
-                    b->addr = cur->addr;
-                    b->orcpt = cur->orcpt;
-                    b->action = BOUNCE_FAILED;
-                    b->status = sched_reply_esc(rp);
-                    b->remote_mta = oc->remote_host;
-                    b->diagnostic = diag[k];
-                    b->last_attempt_ms = now;
-                }
-            } else {
-                st->state = SPOOL_RCPT_DEFERRED;
-                st->next_attempt_ms = rd.next_ms;
-                status = "deferred";
+        } else if (dec[k].v == SV_FAIL) {
+            st->state = SPOOL_RCPT_FAILED;
+            status = "bounced";
+            if (sched_wants_dsn(s, cur)) {
+                struct bounce_rcpt *b = &failed[nfailed++];
+                b->addr = cur->addr;
+                b->orcpt = cur->orcpt;
+                b->action = BOUNCE_FAILED;
+                b->status = sched_reply_esc(rp);
+                b->remote_mta = oc->remote_host;
+                b->diagnostic = diag[k];
+                b->last_attempt_ms = now;
             }
+        } else {
+            st->state = SPOOL_RCPT_DEFERRED;
+            st->next_attempt_ms = dec[k].next_ms;
+            status = "deferred";
         }
         struct log_line ll;
         log_begin(&ll, LOG_INFO, job->qid);
@@ -705,6 +1263,9 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
         log_kv(&ll, "relay", "%s", oc->relay);
         if (oc->smtpc != NULL)
             smtpc_log_tls(oc->smtpc, &ll); /* tls=, cipher=, verify=, resumed= */
+        else if (oc->tls != NULL)
+            for (size_t f = 0; f < oc->tls->n; f++)
+                log_kv(&ll, oc->tls->names[f], "%s", oc->tls->vals[f]);
         const struct source_choice *sc = &oc->dest->src;
         int fam = sc->ip[SOURCE_V4][0] || !sc->ip[SOURCE_V6][0] ? SOURCE_V4 : SOURCE_V6;
         const char *src_ip = oc->src ? oc->src : sc->ip[fam][0] ? sc->ip[fam] : NULL;
@@ -735,9 +1296,9 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
                 log_msg(LOG_INFO, job->qid, "double bounce: dropped (the sender is <>)");
         } else {
             if (nfailed > 0)
-                sched_notify(s, env, original, failed, nfailed, BOUNCE_FAILED);
+                sched_notify(s, env, original, failed, nfailed, BOUNCE_FAILED, subject, text);
             if (nsuccess > 0)
-                sched_notify(s, env, original, success, nsuccess, BOUNCE_RELAYED);
+                sched_notify(s, env, original, success, nsuccess, BOUNCE_RELAYED, NULL, NULL);
         }
         buf_reset(&orig);
     }
@@ -750,6 +1311,18 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
         sc->s = s;
         memcpy(sc->qid, qid, sizeof(sc->qid));
         sc->idx = job->idx[k];
+        if (events) {
+            const struct smtpc_reply *rp = replies[k];
+            struct sched_ev_info *ev = xcalloc(1, sizeof(*ev));
+            ev->type = dec[k].v == SV_SENT ? "delivered"
+                       : dec[k].v == SV_FAIL ? "bounced"
+                                             : "deferred";
+            ev->rcpt = xstrdup(next[k].addr);
+            ev->code = rp->code;
+            snprintf(ev->esc, sizeof(ev->esc), "%s", rp->esc);
+            ev->text = xstrdup(rp->text);
+            sc->ev = ev;
+        }
         m->commits++;
         spool_update_rcpt(s->spool, qid, job->idx[k], &next[k], sched_on_update, sc);
     }
@@ -757,6 +1330,284 @@ sched_job_done(struct sched *s, struct sched_job *job, const struct smtpc_reply 
     free(diag);
     free(failed);
     free(success);
+}
+
+/* ---- outcomes waiting for retry / bounce hooks -------------------------- */
+
+struct sched_pend_rcpt {
+    struct sched_pend *pd;            /* borrowed: the owner */
+    size_t k;                         /* index in the job */
+    struct hooks_call *call;          /* pending retry call, or NULL */
+};
+
+struct sched_pend {
+    struct sched_pend *prev, *next;   /* s->pends */
+    struct sched *s;                  /* borrowed */
+    struct sched_job *job;            /* owned copy */
+    struct smtpc_reply *replies;      /* owned copies, per job recipient */
+    struct sched_decision *dec;       /* owned, per job recipient */
+    struct sched_pend_rcpt *slots;    /* owned, per job recipient */
+    size_t pending;                   /* retry calls outstanding */
+    struct hooks_call *bcall;         /* pending bounce call, or NULL */
+    struct sched_headers headers;     /* owned: the msg view's */
+    /* the outcome (struct sched_outcome) as owned copies */
+    const struct sched_dest *dest;    /* borrowed: destinations live as long as s */
+    char *helo, *relay, *remote_host, *src; /* owned or NULL */
+    bool server_dsn, lmtp;
+    struct sched_tls_fields tls;
+    struct buf content;               /* owned: the original (may be empty) */
+    char *subject, *text;             /* owned: the bounce hook's answer, or NULL */
+};
+
+static void
+sched_pend_free(struct sched_pend *pd)
+{
+    struct sched *s = pd->s;
+    if (pd->prev)
+        pd->prev->next = pd->next;
+    else
+        s->pends = pd->next;
+    if (pd->next)
+        pd->next->prev = pd->prev;
+    for (size_t k = 0; k < pd->job->n; k++)
+        hooks_call_cancel(pd->slots[k].call);
+    hooks_call_cancel(pd->bcall);
+    sched_headers_free(&pd->headers);
+    for (size_t f = 0; f < pd->tls.n; f++)
+        free(pd->tls.vals[f]);
+    free(pd->helo);
+    free(pd->relay);
+    free(pd->remote_host);
+    free(pd->src);
+    buf_reset(&pd->content);
+    free(pd->subject);
+    free(pd->text);
+    free(pd->slots);
+    free(pd->dec);
+    free(pd->replies);
+    free(pd->job);
+    free(pd);
+}
+
+/* Applies the outcome as decided so far (unanswered hooks: the built-in
+ * decisions) and frees it. */
+static void
+sched_pend_finish(struct sched_pend *pd)
+{
+    struct sched *s = pd->s;
+    for (size_t k = 0; k < pd->job->n; k++) {
+        hooks_call_cancel(pd->slots[k].call);
+        pd->slots[k].call = NULL;
+    }
+    hooks_call_cancel(pd->bcall);
+    pd->bcall = NULL;
+    const struct smtpc_reply **replies = xcalloc(pd->job->n, sizeof(*replies));
+    for (size_t k = 0; k < pd->job->n; k++)
+        replies[k] = &pd->replies[k];
+    struct sched_outcome oc = {
+        .dest = pd->dest,
+        .helo = pd->helo,
+        .relay = pd->relay ? pd->relay : "none",
+        .remote_host = pd->remote_host,
+        .src = pd->src,
+        .server_dsn = pd->server_dsn,
+        .lmtp = pd->lmtp,
+        .tls = &pd->tls,
+    };
+    sched_job_apply(s, pd->job, replies, pd->dec, &oc, &pd->content, pd->subject, pd->text);
+    free(replies);
+    sched_pend_free(pd);
+}
+
+static void
+sched_on_bounce_hook(struct hooks_call *c, struct plua_result *res, void *arg)
+{
+    struct sched_pend *pd = arg;
+    (void)c;
+    pd->bcall = NULL;
+    if (res->status == PLUA_OK) {
+        pd->subject = res->subject;
+        pd->text = res->text;
+        res->subject = res->text = NULL;
+    }
+    sched_pend_finish(pd);
+}
+
+/* Retry decisions are made: ask the bounce hook for the DSN's wording when
+ * one will be sent, then apply. */
+static void
+sched_pend_bounce(struct sched_pend *pd)
+{
+    struct sched *s = pd->s;
+    const struct spool_envelope *env = spool_get(s->spool, pd->job->qid);
+    if (env == NULL || s->stopping || env->sender[0] == '\0'
+        || !hooks_have(s->hooks, PLUGIN_HOOK_BOUNCE)) {
+        sched_pend_finish(pd);
+        return;
+    }
+    struct plua_failure *fv = xcalloc(pd->job->n, sizeof(*fv));
+    size_t nf = 0;
+    for (size_t k = 0; k < pd->job->n; k++) {
+        const struct spool_rcpt *cur = &env->rcpts[pd->job->idx[k]];
+        if (pd->dec[k].v != SV_FAIL || !sched_wants_dsn(s, cur))
+            continue;
+        fv[nf].rcpt = cur->addr;
+        fv[nf].code = pd->replies[k].code;
+        fv[nf].esc = pd->replies[k].esc[0] ? pd->replies[k].esc : NULL;
+        fv[nf].text = pd->replies[k].text;
+        nf++;
+    }
+    if (nf == 0) {
+        free(fv);
+        sched_pend_finish(pd);
+        return;
+    }
+    struct plua_args a;
+    sched_msg_args(env, &pd->headers, now_ms(), &a);
+    a.failures = fv;
+    a.nfailures = nf;
+    pd->bcall = hooks_call(s->hooks, PLUGIN_HOOK_BOUNCE, &a, sched_on_bounce_hook, pd);
+    free(fv);
+}
+
+static void
+sched_on_retry_hook(struct hooks_call *c, struct plua_result *res, void *arg)
+{
+    struct sched_pend_rcpt *slot = arg;
+    struct sched_pend *pd = slot->pd;
+    struct sched *s = pd->s;
+    (void)c;
+    slot->call = NULL;
+    const struct spool_envelope *env = spool_get(s->spool, pd->job->qid);
+    if (env != NULL && res->status == PLUA_OK && res->retry_set) {
+        struct sched_retry_hook h = { .set = true, .bounce = res->bounce,
+                                      .seconds = res->retry_seconds };
+        struct sched_decision *d = &pd->dec[slot->k];
+        struct sched_retry rd;
+        sched_retry_decide_hook(s->cfg, d->attempts, env->arrival_ms, now_ms(), &h, &rd);
+        d->v = rd.give_up ? SV_FAIL : SV_DEFER;
+        d->next_ms = rd.next_ms;
+    }
+    if (--pd->pending == 0)
+        sched_pend_bounce(pd);
+}
+
+/* Keeps the outcome of job for the hooks: copies what the caller's objects
+ * hold (the session may go on or end meanwhile) and takes content's bytes. */
+static void
+sched_pend_start(struct sched *s, const struct spool_envelope *env, const struct sched_job *job,
+                 const struct smtpc_reply *const *replies, struct sched_decision *dec,
+                 const struct sched_outcome *oc, struct buf *content)
+{
+    struct sched_pend *pd = xcalloc(1, sizeof(*pd));
+    pd->s = s;
+    size_t jsize = sizeof(*job) + job->cap * sizeof(job->idx[0]);
+    pd->job = xmalloc(jsize);
+    memcpy(pd->job, job, jsize);
+    pd->job->next = NULL;
+    pd->replies = xcalloc(job->n, sizeof(*pd->replies));
+    for (size_t k = 0; k < job->n; k++)
+        pd->replies[k] = *replies[k];
+    pd->dec = dec;
+    pd->slots = xcalloc(job->n, sizeof(*pd->slots));
+    pd->dest = oc->dest;
+    pd->helo = oc->helo ? xstrdup(oc->helo) : NULL;
+    pd->relay = oc->relay ? xstrdup(oc->relay) : NULL;
+    pd->remote_host = oc->remote_host ? xstrdup(oc->remote_host) : NULL;
+    pd->src = oc->src ? xstrdup(oc->src) : NULL;
+    pd->server_dsn = oc->server_dsn;
+    pd->lmtp = oc->lmtp;
+    if (oc->smtpc != NULL) {
+        struct log_line ll;
+        log_begin(&ll, LOG_INFO, job->qid);
+        smtpc_log_tls(oc->smtpc, &ll);
+        for (size_t f = 0; f < ll.nfields; f++) {
+            pd->tls.names[f] = ll.names[f];
+            pd->tls.vals[f] = xstrdup(ll.scratch + ll.vals[f]);
+        }
+        pd->tls.n = ll.nfields;
+    }
+    buf_init(&pd->content);
+    if (content != NULL) {
+        pd->content = *content; /* the bytes move; the caller's buffer is left empty */
+        buf_init(content);
+    }
+    pd->next = s->pends;
+    if (s->pends)
+        s->pends->prev = pd;
+    s->pends = pd;
+    sched_headers_load(s, job->qid, &pd->content, &pd->headers);
+    int64_t now = now_ms();
+    for (size_t k = 0; k < job->n; k++)
+        if (dec[k].ask_retry)
+            pd->pending++;
+    if (pd->pending == 0) {
+        sched_pend_bounce(pd);
+        return;
+    }
+    for (size_t k = 0; k < job->n; k++) {
+        if (!dec[k].ask_retry)
+            continue;
+        const struct smtpc_reply *rp = &pd->replies[k];
+        struct plua_args a;
+        sched_msg_args(env, &pd->headers, now, &a);
+        a.rcpt = env->rcpts[job->idx[k]].addr;
+        a.attempt = dec[k].attempts;
+        a.reply_code = rp->code;
+        a.reply_esc = rp->esc[0] ? rp->esc : NULL;
+        a.reply_text = rp->text;
+        pd->slots[k].pd = pd;
+        pd->slots[k].k = k;
+        pd->slots[k].call = hooks_call(s->hooks, PLUGIN_HOOK_RETRY, &a, sched_on_retry_hook,
+                                       &pd->slots[k]);
+    }
+}
+
+/* A transaction (or a destination failure) ended: decides each
+ * recipient's fate — asking the retry and bounce hooks when there are any
+ * — and applies it. replies[i] belongs to job->idx[i]. The caller keeps
+ * job; content (may be NULL) may be emptied (its bytes taken). */
+static void
+sched_job_done(struct sched *s, const struct sched_job *job,
+               const struct smtpc_reply *const *replies, const struct sched_outcome *oc,
+               struct buf *content)
+{
+    const struct spool_envelope *env = spool_get(s->spool, job->qid);
+    if (env == NULL) {
+        sched_job_apply(s, job, replies, NULL, oc, content, NULL, NULL); /* releases */
+        return;
+    }
+    int64_t now = now_ms();
+    bool hooks = s->hooks != NULL && !s->stopping;
+    bool retry_hook = hooks && hooks_have(s->hooks, PLUGIN_HOOK_RETRY);
+    bool young = now - env->arrival_ms < (int64_t)s->cfg->retry.max_age_ms;
+    bool ask = false, dsn = false;
+    struct sched_decision *dec = xcalloc(job->n, sizeof(*dec));
+    for (size_t k = 0; k < job->n; k++) {
+        const struct spool_rcpt *cur = &env->rcpts[job->idx[k]];
+        const struct smtpc_reply *rp = replies[k];
+        struct sched_decision *d = &dec[k];
+        d->attempts = cur->attempts + 1;
+        if (rp->code >= 200 && rp->code < 300) {
+            d->v = SV_SENT;
+        } else if (rp->code >= 500) {
+            d->v = SV_FAIL;
+        } else {
+            struct sched_retry rd;
+            sched_retry_decide(s->cfg, d->attempts, env->arrival_ms, now, &rd);
+            d->v = rd.give_up ? SV_FAIL : SV_DEFER;
+            d->next_ms = rd.next_ms;
+            d->ask_retry = retry_hook && young;
+            ask = ask || d->ask_retry;
+        }
+        dsn = dsn || (d->v == SV_FAIL && sched_wants_dsn(s, cur));
+    }
+    if (ask || (dsn && hooks && env->sender[0] && hooks_have(s->hooks, PLUGIN_HOOK_BOUNCE))) {
+        sched_pend_start(s, env, job, replies, dec, oc, content); /* takes dec */
+        return;
+    }
+    sched_job_apply(s, job, replies, dec, oc, content, NULL, NULL);
+    free(dec);
 }
 
 /* Every job waiting for a destination gets the same reply (DNS failure, no
@@ -775,6 +1626,18 @@ sched_dest_fail(struct sched *s, struct sched_dest *d, const struct smtpc_reply 
         sched_job_done(s, j, replies, &oc, NULL);
         free(j);
     }
+}
+
+/* Settles everything that waits for a hook (stop, a registry replaced):
+ * outcomes are applied with the built-in decisions, planned recipients go
+ * back to the queue. Event calls go on (fire and forget). */
+static void
+sched_hooks_settle(struct sched *s)
+{
+    while (s->pends != NULL)
+        sched_pend_finish(s->pends);
+    while (s->plans != NULL)
+        sched_plan_drop(s->plans);
 }
 
 /* ---- sessions ---------------------------------------------------------- */
@@ -803,7 +1666,9 @@ sched_sess_clear_txn(struct sched_sess *ss)
 static void
 sched_check_idle(struct sched *s)
 {
-    if (s->stopping && s->nsessions == 0 && s->idle_cb) {
+    /* idle: no session and no event call (a graceful stop lets the event
+     * hooks finish within shutdown_timeout; sched_abort cancels them) */
+    if (s->stopping && s->nsessions == 0 && s->events == NULL && s->idle_cb) {
         void (*cb)(void *) = s->idle_cb;
         s->idle_cb = NULL;
         cb(s->idle_arg);
@@ -1005,6 +1870,12 @@ sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n
         .data_block_timeout_ms = cfg->delivery.timeouts.data_block_ms,
         .data_end_timeout_ms = cfg->delivery.timeouts.data_end_ms,
         .tls = cfg->delivery.tls,
+        /* DANE: TLSA lookups go to the same resolvers; the MX RRset of an
+         * MX route's domain must be validated too (RFC 7672 2.2.1) */
+        .dns_resolvers = (const char *const *)cfg->dns.resolvers.v,
+        .ndns_resolvers = cfg->dns.resolvers.n,
+        .dns_timeout_ms = cfg->dns.timeout_ms,
+        .dane_domain = ss->dest->route.kind == ROUTE_MX ? ss->dest->route.host : NULL,
     };
     ss->c = smtpc_start(s->loop, t, n, &o, sched_on_smtpc, ss);
 }
@@ -1236,6 +2107,15 @@ sched_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct spool *sp, s
     return s;
 }
 
+void
+sched_set_hooks(struct sched *s, struct hooks *h)
+{
+    if (h == s->hooks)
+        return;
+    sched_hooks_settle(s);
+    s->hooks = h;
+}
+
 static void
 sched_start_one(const struct spool_envelope *env, void *arg)
 {
@@ -1282,6 +2162,7 @@ sched_stop(struct sched *s, void (*idle_cb)(void *arg), void *arg)
     s->idle_cb = idle_cb;
     s->idle_arg = arg;
     timer_stop(s->wake_timer);
+    sched_hooks_settle(s);
     struct sched_sess *next;
     for (struct sched_sess *ss = s->sessions; ss; ss = next) {
         next = ss->next;
@@ -1304,9 +2185,12 @@ sched_stop(struct sched *s, void (*idle_cb)(void *arg), void *arg)
 void
 sched_abort(struct sched *s)
 {
+    sched_hooks_settle(s);
+    sched_events_cancel(s);
     for (struct sched_sess *ss = s->sessions; ss; ss = ss->next)
         if (ss->c)
             smtpc_abort(ss->c);
+    sched_check_idle(s);
 }
 
 size_t
@@ -1322,6 +2206,13 @@ sched_free(struct sched *s)
         return;
     if (s->nsessions != 0)
         PANIC("sched_free with %zu sessions", s->nsessions);
+    /* after sched_stop nothing waits for a hook but event calls (possibly
+     * started by commit callbacks that spool_close ran): drop them all */
+    sched_events_cancel(s);
+    while (s->pends != NULL)
+        sched_pend_free(s->pends);
+    while (s->plans != NULL)
+        sched_plan_free(s->plans);
     for (size_t b = 0; b < SCHED_BUCKETS; b++) {
         struct sched_dest *dn;
         for (struct sched_dest *d = s->dests[b]; d; d = dn) {

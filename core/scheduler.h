@@ -8,6 +8,27 @@
  * min-heap of wake-up times. Every outcome is written to the spool before
  * it is acted on: state changes, the bounce for recipients that failed
  * together (one DSN per transaction), and the removal of a finished message.
+ *
+ * Delivery hooks (hooks.h; Lua, then plugins), each asked only when some
+ * engine handles it — otherwise delivery runs synchronously as without
+ * any registry:
+ *   route(msg, rcpt)          per due recipient, before grouping: a route
+ *                             string checked with route_parse ("mx" = the
+ *                             recipient domain's MX); nil or invalid (logged):
+ *                             the configured routes;
+ *   select_source(msg, dest)  per recipient domain (dest) of a message without
+ *                             an XBIND override: {ip, hostname}, checked with
+ *                             source_check_hook (else logged and ignored);
+ *   retry(msg, rcpt, attempt, reply)  per temporary failure younger than
+ *                             retry.max_age: seconds or "bounce" (see
+ *                             sched_retry_decide_hook); nil: retry.schedule;
+ *   bounce(msg, failures)     per non-delivery DSN: its Subject and text part;
+ *   event(ev)                 per recipient outcome, once it is persisted.
+ * A recipient waiting for a hook stays out of every other job; the outcome
+ * of a transaction waits for its retry and bounce hooks before anything is
+ * persisted, so persist-then-act holds. A hook failure means the built-in
+ * behaviour. sched_stop() cancels the calls: waiting outcomes are settled
+ * with the built-in decisions, waiting recipients go back to the queue.
  */
 #ifndef PETREL_SCHEDULER_H
 #define PETREL_SCHEDULER_H
@@ -20,6 +41,7 @@ struct uv_loop_s;
 struct petrel_config;
 struct spool;
 struct dns;
+struct hooks;
 struct sched;
 
 /* cfg (a reference is taken), spool and dns are borrowed and must outlive
@@ -27,6 +49,11 @@ struct sched;
  * the last resort of source selection. */
 struct sched *sched_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct spool *sp,
                         struct dns *dns, const char (*locals)[46], size_t nlocals);
+/* The delivery hooks to ask (borrowed; NULL: none, the default). h must
+ * outlive its use: call sched_free() — which cancels event calls still in
+ * flight — before hooks_free(). Replacing a registry settles whatever
+ * waits for the old one as sched_stop() does. */
+void sched_set_hooks(struct sched *s, struct hooks *h);
 /* Schedules every message recovered from the spool (due ones at once,
  * deferred ones at their next attempt time). */
 void sched_start(struct sched *s);
@@ -50,5 +77,19 @@ struct sched_retry {
 };
 void sched_retry_decide(const struct petrel_config *cfg, uint32_t attempts, int64_t arrival_ms,
                         int64_t now_ms, struct sched_retry *out);
+
+/* What the retry hook answered. */
+struct sched_retry_hook {
+    bool set;            /* false: nil (or no hook, or a failure): the schedule */
+    bool bounce;         /* "bounce": give up now */
+    uint64_t seconds;    /* otherwise: the delay until the next attempt */
+};
+/* Pure: sched_retry_decide with the hook's answer (hook may be NULL). An
+ * answer replaces retry.schedule and retry.max_attempts; retry.max_age
+ * still bounds everything: past it the recipient bounces whatever the hook
+ * says, and no next attempt is set later than arrival + max_age. */
+void sched_retry_decide_hook(const struct petrel_config *cfg, uint32_t attempts,
+                             int64_t arrival_ms, int64_t now_ms,
+                             const struct sched_retry_hook *hook, struct sched_retry *out);
 
 #endif

@@ -1,6 +1,7 @@
 /*
  * source — outgoing source address and EHLO name selection (see source.h).
- * Pure: no I/O except config_ip_local_errno() for XBIND checks.
+ * Pure: no I/O except config_ip_local_errno() for XBIND and hook answer
+ * checks.
  */
 #include "source.h"
 
@@ -184,7 +185,12 @@ source_select(const struct petrel_config *cfg, const struct source_locals *local
         out->why = SOURCE_XBIND;
         return;
     }
-    /* TODO(issue 6): the Lua select_source hook is called here */
+    if (q->hook_ip && q->hook_ip[0]) {
+        source_put(out, q->hook_ip,
+                   q->hook_hostname && q->hook_hostname[0] ? q->hook_hostname : NULL, cfg);
+        out->why = SOURCE_LUA;
+        return;
+    }
     for (size_t i = 0; i < cfg->delivery.nsources; i++) {
         const struct source_rule *r = &cfg->delivery.sources[i];
         if (!source_rule_matches(r, q))
@@ -229,6 +235,18 @@ source_check_override(const struct petrel_config *cfg, const char *ip)
     }
     if (configured)
         return listed ? NULL : "not in the configured source pool";
+    return config_ip_local_errno(ip) == 0 ? NULL : "not a local address";
+}
+
+const char *
+source_check_hook(const char *ip, const char *hostname)
+{
+    struct sockaddr_storage ss;
+    if (ip == NULL || strlen(ip) >= SOURCE_IP_SIZE || !source_ip_to_sockaddr(ip, &ss))
+        return "not an IP address";
+    if (hostname != NULL && hostname[0] != '\0'
+        && !smtp_valid_domain(hostname, strlen(hostname), false))
+        return "hostname is not a valid domain name";
     return config_ip_local_errno(ip) == 0 ? NULL : "not a local address";
 }
 

@@ -2,7 +2,8 @@
  * source — pure: which local IP a delivery binds to and which name it says
  * in EHLO. In order, first match wins (README "Source IP and EHLO"):
  *   1. the client's override stored with the message (XBIND);
- *   2. the Lua select_source hook (the policy engine, issue 6; skipped now);
+ *   2. the select_source hook's answer (Lua, then plugins), which the caller
+ *      obtains beforehand (asynchronously) and checks with source_check_hook;
  *   3. delivery.sources rules in file order: every criterion a rule carries
  *      must match (sender domain — exact or "*.example.com" —, listener_ip,
  *      listener, recipient_domain, client_cidr); it gives ip, a pool to pick
@@ -55,6 +56,8 @@ struct source_query {
     const char *client_ip;       /* submitting client */
     const char *xbind_ip;        /* override, or NULL */
     const char *xbind_hostname;  /* or NULL */
+    const char *hook_ip;         /* select_source hook's address (checked), or NULL */
+    const char *hook_hostname;   /* its EHLO name, or NULL: delivery.hostnames / hostname */
 };
 
 /* The machine's own non-loopback addresses (gathered by the caller at
@@ -77,6 +80,14 @@ const char *source_hostname_for(const struct petrel_config *cfg, const char *ip)
  * source address is configured (source_ips, rule ip or pool) the override
  * must be one of them; otherwise any local address is allowed. */
 const char *source_check_override(const struct petrel_config *cfg, const char *ip);
+
+/* select_source hook answer check: NULL if ip (with hostname, which may
+ * be NULL) may be used, else the reason ("not an IP address", "not a local
+ * address", "hostname is not a valid domain name"). Unlike an XBIND
+ * override the address need not be in a configured pool — the policy is
+ * the administrator's — but it must be local, as every configured source
+ * address must. */
+const char *source_check_hook(const char *ip, const char *hostname);
 
 /* "xbind", "lua", "rule 2", "random", "system" into out. */
 void source_why_text(const struct source_choice *c, char *out, size_t size);

@@ -1,9 +1,11 @@
 /*
  * test_source — outgoing source address / EHLO selection: precedence
- * (XBIND > rules > random), rule criteria, per-family picks, XBIND checks.
+ * (XBIND > select_source hook > rules > random), rule criteria, per-family
+ * picks, XBIND and hook answer checks.
  */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -129,6 +131,92 @@ test_source_xbind_wins_over_rules(void **state)
     config_unref(c);
 }
 
+/* The select_source hook's answer: after XBIND, before every rule. */
+static void
+test_source_hook_between_xbind_and_rules(void **state)
+{
+    (void)state;
+    struct petrel_config *c = t_config(t_rules);
+    static const struct {
+        const char *label;
+        const char *xbind_ip, *xbind_hostname, *hook_ip, *hook_hostname;
+        const char *want_ip, *want_hostname, *want_why;
+    } cases[] = {
+        {"hook beats rule 1", NULL, NULL, "127.0.3.40", "lua.petrel.test", "127.0.3.40",
+         "lua.petrel.test", "lua"},
+        {"hook without hostname: delivery.hostnames", NULL, NULL, "127.0.3.11", NULL,
+         "127.0.3.11", "eleven.petrel.test", "lua"},
+        {"hook with empty hostname: delivery.hostname", NULL, NULL, "127.0.3.40", "",
+         "127.0.3.40", "relay.petrel.test", "lua"},
+        {"xbind beats hook", "127.0.3.11", NULL, "127.0.3.40", "lua.petrel.test", "127.0.3.11",
+         "eleven.petrel.test", "xbind"},
+        {"empty hook ip: rules", NULL, NULL, "", "lua.petrel.test", "127.0.3.20",
+         "mta.test.com", "rule 1"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct source_query q = {
+            .sender = "alice@test.com",
+            .rcpt_domain = "x.org",
+            .xbind_ip = cases[i].xbind_ip,
+            .xbind_hostname = cases[i].xbind_hostname,
+            .hook_ip = cases[i].hook_ip,
+            .hook_hostname = cases[i].hook_hostname,
+        };
+        struct source_choice ch;
+        source_select(c, NULL, &q, t_rnd, &ch);
+        char w[32];
+        source_why_text(&ch, w, sizeof(w));
+        if (strcmp(ch.ip[SOURCE_V4], cases[i].want_ip) != 0
+            || strcmp(ch.hostname[SOURCE_V4], cases[i].want_hostname) != 0
+            || strcmp(w, cases[i].want_why) != 0)
+            fail_msg("%s: got %s/%s (%s), want %s/%s (%s)", cases[i].label, ch.ip[SOURCE_V4],
+                     ch.hostname[SOURCE_V4], w, cases[i].want_ip, cases[i].want_hostname,
+                     cases[i].want_why);
+        if (ch.why != SOURCE_XBIND && ch.why != SOURCE_RULE && ch.ip[SOURCE_V6][0] != '\0')
+            fail_msg("%s: got IPv6 %s, want none (an explicit address)", cases[i].label,
+                     ch.ip[SOURCE_V6]);
+    }
+    /* an IPv6 answer fills the IPv6 slot only */
+    struct source_query q6 = { .sender = "alice@test.com", .hook_ip = "::1" };
+    struct source_choice ch;
+    source_select(c, NULL, &q6, t_rnd, &ch);
+    if (strcmp(ch.ip[SOURCE_V6], "::1") != 0 || ch.ip[SOURCE_V4][0] != '\0' || ch.any)
+        fail_msg("IPv6 hook answer: got v4=%s v6=%s any=%d, want v4= v6=::1 any=0",
+                 ch.ip[SOURCE_V4], ch.ip[SOURCE_V6], ch.any);
+    config_unref(c);
+}
+
+static void
+test_source_check_hook(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *ip, *hostname, *want; /* want NULL: accepted */
+    } cases[] = {
+        {"127.0.3.99", "mta.example.net", NULL}, /* any local address, pool or not */
+        {"127.0.3.99", NULL, NULL},
+        {"127.0.3.99", "", NULL},
+        {"::1", NULL, NULL},
+        {"192.0.2.99", NULL, "not a local address"},
+        {"mta.example.net", NULL, "not an IP address"},
+        {"127.0.0.1 ", NULL, "not an IP address"},
+        {"", NULL, "not an IP address"},
+        {NULL, NULL, "not an IP address"},
+        {"127.0.3.99", "bad name", "hostname is not a valid domain name"},
+        {"127.0.3.99", "mta.example.net\r\nRSET", "hostname is not a valid domain name"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *got = source_check_hook(cases[i].ip, cases[i].hostname);
+        bool same = got == NULL ? cases[i].want == NULL
+                                : cases[i].want != NULL && strcmp(got, cases[i].want) == 0;
+        if (!same)
+            fail_msg("source_check_hook(%s, %s): got %s, want %s",
+                     cases[i].ip ? cases[i].ip : "NULL",
+                     cases[i].hostname ? cases[i].hostname : "NULL", got ? got : "NULL",
+                     cases[i].want ? cases[i].want : "NULL");
+    }
+}
+
 static void
 test_source_random_pool_uses_every_address(void **state)
 {
@@ -201,6 +289,8 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_source_rules_in_file_order),
         cmocka_unit_test(test_source_xbind_wins_over_rules),
+        cmocka_unit_test(test_source_hook_between_xbind_and_rules),
+        cmocka_unit_test(test_source_check_hook),
         cmocka_unit_test(test_source_random_pool_uses_every_address),
         cmocka_unit_test(test_source_machine_addresses_one_per_family),
         cmocka_unit_test(test_source_check_override),
