@@ -10,7 +10,8 @@ CONFIG     ?=
 DEB_PKGS := build-essential cmake pkg-config clang libclang-rt-14-dev \
 	libuv1-dev libyaml-dev liblua5.4-dev libunbound-dev libldns-dev libssl-dev \
 	libcrypt-dev libmilter-dev libcmocka-dev \
-	python3 python3-pytest python3-aiosmtpd swaks dnsmasq-base openssl
+	python3 python3-pytest python3-aiosmtpd swaks dnsmasq-base openssl \
+	opendkim opendkim-tools python3-dkim python3-dnspython
 # Extra packages for `make bench` (Postfix gives smtp-source / smtp-sink).
 BENCH_PKGS := postfix time procps
 

@@ -478,11 +478,94 @@ def report_relay(rows, out):
     return failed
 
 
+# The milter scenario: relay without / with one pass-through milter.
+MILTER_SCENARIOS = (("relay-nomilter", "without milter"), ("relay-milter", "with the milter"))
+MILTER_METRICS = [
+    ("milter_cpu_per_1k", "milter's CPU-s / 1,000 msgs", "{:.3f}"),
+    ("milter_msgs", "messages the milter saw", "{:.0f}"),
+]
+
+
+def report_milter(rows, out):
+    """Relay with and without the pass-through milter, both servers; returns failed."""
+    mrows = [r for r in rows if r["scenario"] in dict(MILTER_SCENARIOS)]
+    if not mrows:
+        return False
+    for r in mrows:
+        mc = r.get("milter_cpu_s")
+        r["milter_cpu_per_1k"] = (mc * 1000 / r["messages"]
+                                  if isinstance(mc, float) and r.get("messages") else None)
+    failed = False
+    order = []
+    for r in mrows:
+        if workload_key(r) not in order:
+            order.append(workload_key(r))
+    summary = []
+    for (msgs, size, sess) in order:
+        name = f"{msgs}x{size}B/s{sess}"
+        w = out.setdefault(name, {"messages": msgs, "size": size, "sessions": sess})
+        print(f"\nMilter: relay {msgs} msgs x {size} B, {sess} sessions, without and with one "
+              f"pass-through milter (every stage, no changes)")
+        med = {}
+        for server in ("petrel", "postfix"):
+            label = "petrel" if server == "petrel" else "Postfix 3.7"
+            for scen, what in MILTER_SCENARIOS:
+                runs = [r for r in mrows if r["server"] == server and r["scenario"] == scen
+                        and workload_key(r) == (msgs, size, sess)]
+                if not runs:
+                    continue
+                print(f"\n  {label}, {what} ({MEM_NOTE[server]})")
+                metrics = RELAY_METRICS + (MILTER_METRICS if scen == "relay-milter" else [])
+                m, nok, bad = print_block(runs, metrics)
+                failed = failed or bad
+                med[(server, scen)] = m
+                w.setdefault(server, {})[scen] = {"runs": [strip_run(r) for r in runs],
+                                                  "median": m, "ok_runs": nok}
+        for server in ("petrel", "postfix"):
+            off, on = med.get((server, "relay-nomilter")), med.get((server, "relay-milter"))
+            if not off or not on:
+                continue
+            rate = ratio(on["relay_msgs_per_s"], off["relay_msgs_per_s"])
+            dcpu = (on["relay_cpu_per_1k"] - off["relay_cpu_per_1k"]
+                    if on["relay_cpu_per_1k"] is not None and off["relay_cpu_per_1k"] is not None
+                    else None)
+            w[server]["overhead"] = {"relay_rate_with_over_without": rate,
+                                     "server_cpu_per_1k_added": dcpu,
+                                     "milter_cpu_per_1k": on.get("milter_cpu_per_1k")}
+            summary.append((name, server, off, on, rate, dcpu))
+        p, q = med.get(("petrel", "relay-milter")), med.get(("postfix", "relay-milter"))
+        if p and q:
+            w["ratios_with_milter"] = {
+                "relay_rate_petrel_over_postfix": ratio(p["relay_msgs_per_s"],
+                                                        q["relay_msgs_per_s"]),
+                "cpu_postfix_over_petrel": ratio(q["relay_cpu_per_1k"], p["relay_cpu_per_1k"])}
+    if summary:
+        print("\nMilter summary (medians): what one pass-through milter costs each server")
+        hdr = ["workload", "server", "relayed/s without", "with", "with/without",
+               "CPU/1k without", "with", "added", "milter CPU/1k"]
+        widths = [20, 9, 19, 8, 14, 16, 8, 8, 15]
+        print("  " + "".join(f"{h:>{wd}}" for h, wd in zip(hdr, widths)))
+        for name, server, off, on, rate, dcpu in summary:
+            cells = [name, server, fmt(off["relay_msgs_per_s"], "{:.0f}"),
+                     fmt(on["relay_msgs_per_s"], "{:.0f}"), fmt(rate, "{:.2f}x"),
+                     fmt(off["relay_cpu_per_1k"], "{:.3f}"), fmt(on["relay_cpu_per_1k"], "{:.3f}"),
+                     fmt(dcpu, "{:+.3f}"), fmt(on.get("milter_cpu_per_1k"), "{:.3f}")]
+            print("  " + "".join(f"{c:>{wd}}" for c, wd in zip(cells, widths)))
+        for name in out:
+            r = out[name].get("ratios_with_milter") if isinstance(out[name], dict) else None
+            if r:
+                print(f"  {name} with the milter: petrel relays "
+                      f"{fmt(r['relay_rate_petrel_over_postfix'], '{:.2f}x')} Postfix's rate, "
+                      f"Postfix uses {fmt(r['cpu_postfix_over_petrel'], '{:.2f}x')} "
+                      f"petrel's CPU per message")
+    return failed
+
+
 def cmd_report(tsv, out_json):
     rows = load_tsv(tsv)
     params = {k: os.environ.get(k) for k in
               ("BENCH_MODE", "BENCH_RUNS", "BENCH_MESSAGES", "BENCH_SESSIONS", "BENCH_SIZE",
-               "BENCH_RELAY")}
+               "BENCH_RELAY", "BENCH_MILTER")}
     result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
@@ -493,9 +576,11 @@ def cmd_report(tsv, out_json):
         "relay": {"targets": {"relay_rate_ratio_min": TARGET_RELAY_RATIO,
                               "cpu_ratio_min": TARGET_CPU_RATIO},
                   "workloads": {}},
+        "milter": {"workloads": {}},
     }
     failed = report_receive(rows, result["receive"])
     failed = report_relay(rows, result["relay"]["workloads"]) or failed
+    failed = report_milter(rows, result["milter"]["workloads"]) or failed
     result["failed"] = failed
     with open(out_json, "w") as f:
         json.dump(result, f, indent=2)

@@ -6,9 +6,13 @@
 # BENCH_MODE=relay: end to end, smtp-source -> server -> smtp-sink, petrel
 #   routing dest.test to the same smtp-sink Postfix relays to; the sink's own
 #   counter says when every message has arrived.
-# BENCH_MODE=all (default): both. Postfix does the same work in both
-#   scenarios (it always relays to the sink), so where a receive and a relay
-#   workload coincide one Postfix run gives the figures for both tables.
+# BENCH_MODE=milter: relay with and without one pass-through milter
+#   (bench/passthrough_milter.c) for both servers: what consulting a filter
+#   costs. `bash bench/run.sh milter` is the same.
+# BENCH_MODE=all (default): all three. Postfix does the same work in the
+#   receive and relay scenarios (it always relays to the sink), so where a
+#   receive and a relay workload coincide one Postfix run gives the figures
+#   for both tables.
 # Each workload runs BENCH_RUNS times, petrel and Postfix interleaved; medians
 # are printed and everything is written to build-bench/results.json.
 #
@@ -19,6 +23,8 @@
 #                 MESSAGES:SIZE:SESSIONS each)
 #                 BENCH_RELAY_CONNECTIONS (20) BENCH_RELAY_PER_CONNECTION (100)
 #                 BENCH_RELAY_CACHE_TIME (2s) BENCH_RELAY_TIMEOUT (300)
+#        milter:  BENCH_MILTER ("2000:4096:20", MESSAGES:SIZE:SESSIONS each)
+#                 BENCH_MILTER_PORT (2628)
 #        BENCH_SKIP_POSTFIX=1 BENCH_SKIP_PETREL=1 BENCH_PETREL_PORT (2625)
 #        BENCH_PETREL_LOG_LEVEL (warning) BENCH_POSTFIX_DIR (/work/shared/bench/postfix)
 #        BENCH_PETREL_BIN (a prebuilt petrel to measure instead of building one)
@@ -30,12 +36,19 @@ BUILD_DIR=$ROOT/build-bench
 PY=/usr/bin/python3
 LIB=("$PY" "$HERE/benchlib.py")
 
+case ${1:-} in
+    '') ;;
+    receive|relay|milter|all) BENCH_MODE=$1 ;;
+    *) echo "usage: $0 [receive|relay|milter|all]  (see bench/README.md)" >&2; exit 2 ;;
+esac
 export BENCH_MODE=${BENCH_MODE:-all}
 export BENCH_RUNS=${BENCH_RUNS:-3}
 export BENCH_MESSAGES=${BENCH_MESSAGES:-10000}
 export BENCH_SESSIONS=${BENCH_SESSIONS:-"20 100"}
 export BENCH_SIZE=${BENCH_SIZE:-4096}
 export BENCH_RELAY=${BENCH_RELAY:-"10000:4096:20 10000:4096:100 2000:102400:20"}
+export BENCH_MILTER=${BENCH_MILTER:-"2000:4096:20"}
+MILTER_PORT=${BENCH_MILTER_PORT:-2628}
 SKIP_POSTFIX=${BENCH_SKIP_POSTFIX:-0}
 SKIP_PETREL=${BENCH_SKIP_PETREL:-0}
 PETREL_PORT=${BENCH_PETREL_PORT:-2625}
@@ -105,8 +118,10 @@ stop_pid() {
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
-PETREL_PID='' TARPIT_PID='' SINK_PID='' SAMPLER_PID='' WATCH_PID='' POSTFIX_STARTED=0
+PETREL_PID='' TARPIT_PID='' SINK_PID='' SAMPLER_PID='' WATCH_PID='' MILTER_PID=''
+POSTFIX_STARTED=0
 SINK_OUT=$BUILD_DIR/logs/smtp-sink.out
+MILTER_COUNT=$BUILD_DIR/logs/milter.count
 
 # postfix_stop: `postfix stop`, then wait (bounded) until the master and all
 # its processes have exited, since `postfix stop` returns before they have.
@@ -140,25 +155,37 @@ cleanup() {
     fi
     [ -n "$SINK_PID" ] && alive "$SINK_PID" && stop_pid "$SINK_PID" 10
     SINK_PID=
+    # libmilter winds down slowly on SIGTERM; the filter holds no state
+    [ -n "$MILTER_PID" ] && alive "$MILTER_PID" && stop_pid "$MILTER_PID" 2
+    MILTER_PID=
     return 0
 }
 trap cleanup EXIT
 trap 'say interrupted; exit 130' INT TERM
 
 for v in BENCH_RUNS BENCH_MESSAGES BENCH_SIZE PETREL_PORT TARPIT_PORT RELAY_CONNECTIONS \
-         RELAY_PER_CONNECTION RELAY_TIMEOUT; do
+         RELAY_PER_CONNECTION RELAY_TIMEOUT MILTER_PORT; do
     is_uint "${!v}" || die "$v must be a positive integer (got '${!v}')"
 done
-case $BENCH_MODE in receive|relay|all) ;; *) die "BENCH_MODE must be receive, relay or all";; esac
-if [ "$BENCH_MODE" != relay ]; then
+case $BENCH_MODE in receive|relay|milter|all) ;;
+    *) die "BENCH_MODE must be receive, relay, milter or all";; esac
+want_mode() { [ "$BENCH_MODE" = all ] || [ "$BENCH_MODE" = "$1" ]; }
+if want_mode receive; then
     for s in $BENCH_SESSIONS; do is_uint "$s" || die "BENCH_SESSIONS: bad value '$s'"; done
     [ -n "${BENCH_SESSIONS// /}" ] || die "BENCH_SESSIONS is empty"
 fi
-if [ "$BENCH_MODE" != receive ]; then
+if want_mode relay; then
     [ -n "${BENCH_RELAY// /}" ] || die "BENCH_RELAY is empty"
     for w in $BENCH_RELAY; do
         [[ "$w" =~ ^[1-9][0-9]*:[1-9][0-9]*:[1-9][0-9]*$ ]] ||
             die "BENCH_RELAY: '$w' is not MESSAGES:SIZE:SESSIONS"
+    done
+fi
+if want_mode milter; then
+    [ -n "${BENCH_MILTER// /}" ] || die "BENCH_MILTER is empty"
+    for w in $BENCH_MILTER; do
+        [[ "$w" =~ ^[1-9][0-9]*:[1-9][0-9]*:[1-9][0-9]*$ ]] ||
+            die "BENCH_MILTER: '$w' is not MESSAGES:SIZE:SESSIONS"
     done
 fi
 [[ "$RELAY_CACHE_TIME" =~ ^[0-9]+(ms|s|m)$ ]] || die "BENCH_RELAY_CACHE_TIME: bad duration"
@@ -176,7 +203,8 @@ mkdir -p "$BUILD_DIR/logs"
 TSV=$BUILD_DIR/results.tsv
 printf '%s\t' scenario server messages size sessions run wall_s msgs_per_s cpu_s cpu_per_1k \
     mem_mib relay_s relay_msgs_per_s relay_cpu_s relay_cpu_per_1k relay_mem_mib \
-    cpu_per_1k_drain drain_s others_pct relay_others_pct sink_count sink_sessions >"$TSV"
+    cpu_per_1k_drain drain_s others_pct relay_others_pct sink_count sink_sessions \
+    milter_cpu_s milter_msgs >"$TSV"
 printf 'status\n' >>"$TSV"
 
 # per1k CPU MESSAGES / rate MESSAGES SECONDS / mib KIB: "-" stays "-".
@@ -190,7 +218,9 @@ r3() { if [ "$1" = - ]; then echo -; else printf '%.3f' "$1"; fi; }
 
 # row: one line of results.tsv from the caller's variables (bash's dynamic
 # scoping): scen server msgs size sess run wall cpu mem relay rcpu rmem cpud
-# drain others rothers sinkn sinks status. CPU in seconds, memory in KiB.
+# drain others rothers sinkn sinks status, and for the milter scenario mcpu
+# (the filter's CPU over the run) and mmsgs (messages it saw). CPU in
+# seconds, memory in KiB.
 row() {
     local r_rate r_per1k r_mib rr_rate rr_per1k rr_mib r_per1kd
     r_rate=$(rate "$msgs" "$wall")
@@ -202,7 +232,7 @@ row() {
     r_per1kd=$(per1k "$cpud" "$msgs")
     printf '%s\t' "$scen" "$server" "$msgs" "$size" "$sess" "$run" "$wall" "$r_rate" "$cpu" \
         "$r_per1k" "$r_mib" "$relay" "$rr_rate" "$rcpu" "$rr_per1k" "$rr_mib" "$r_per1kd" \
-        "$drain" "$others" "$rothers" "$sinkn" "$sinks" >>"$TSV"
+        "$drain" "$others" "$rothers" "$sinkn" "$sinks" "${mcpu:--}" "${mmsgs:--}" >>"$TSV"
     printf '%s\n' "${status//$'\t'/ }" >>"$TSV"
     local what
     what="$server $scen ${msgs}x${size}B s=$sess run $run: $(r0 "$r_rate") msgs/s accepted"
@@ -319,6 +349,49 @@ relay_figures() {
     return 0
 }
 
+# ------------------------------------------------------------------ the milter
+
+# One pass-through libmilter filter (bench/passthrough_milter.c) for the whole
+# milter scenario, on 127.0.0.1:$MILTER_PORT; both servers use it. It writes
+# the number of messages it has seen to $MILTER_COUNT.
+milter_start() {
+    local bin=$BUILD_DIR/passthrough_milter
+    [ -e /usr/include/libmilter/mfapi.h ] ||
+        die "libmilter headers missing (Debian: libmilter-dev; make deps installs it)"
+    if ! cc -O2 -o "$bin" "$HERE/passthrough_milter.c" -lmilter -lpthread \
+            >"$BUILD_DIR/logs/milter-build.log" 2>&1; then
+        cat "$BUILD_DIR/logs/milter-build.log" >&2
+        die "cannot build bench/passthrough_milter.c"
+    fi
+    listening "$MILTER_PORT" && die "port $MILTER_PORT (the milter) is already in use"
+    "$bin" -s "inet:$MILTER_PORT@127.0.0.1" -c "$MILTER_COUNT" \
+        >"$BUILD_DIR/logs/milter.out" 2>&1 &
+    MILTER_PID=$!
+    wait_listen "$MILTER_PORT" 10 "$MILTER_PID" || die "the pass-through milter did not start"
+}
+
+milter_check() { alive "$MILTER_PID" || die "the milter (pid $MILTER_PID) has died"; }
+milter_count() { local n; n=$(tr -dc '0-9' <"$MILTER_COUNT" 2>/dev/null); echo $((10#${n:-0})); }
+
+# milter_figures C0 M0 MSGS: after a run with the milter, sets mcpu (its CPU
+# since C0) and mmsgs (messages it saw since M0), and fails the run (status)
+# unless it saw exactly MSGS.
+milter_figures() {
+    local c1 m1
+    if ! alive "$MILTER_PID"; then
+        [ "$status" = ok ] && status="the milter died during the run"
+        return 0
+    fi
+    c1=$("${LIB[@]}" cpu "$MILTER_PID")
+    mcpu=$(calc "$c1 - $1")
+    m1=$(milter_count)
+    mmsgs=$((m1 - $2))
+    if [ "$status" = ok ] && [ "$mmsgs" -ne "$3" ]; then
+        status="the milter saw $mmsgs of $3 messages (is it consulted?)"
+    fi
+    return 0
+}
+
 # ------------------------------------------------------------------ petrel
 
 build_petrel() {
@@ -350,7 +423,7 @@ routes:
     via: smtp:[127.0.0.1]:$TARPIT_PORT
 EOF
         ;;
-    relay)
+    relay|relay-milter)
         cat >>"$3" <<EOF
 # End-to-end relay: dest.test goes to the smtp-sink Postfix relays to
 # (see bench/README.md). TLS off on both sides, as in the Postfix setup;
@@ -366,6 +439,16 @@ delivery:
   tls: none
   source_ips: [127.0.0.1]
 EOF
+        if [ "$2" = relay-milter ]; then
+            cat >>"$3" <<EOF
+# The milter scenario: one pass-through filter, consulted at every stage;
+# tempfail if it fails, so that a broken filter shows as failed messages.
+milters:
+  - name: passthrough
+    socket: inet:$MILTER_PORT@127.0.0.1
+    default_action: tempfail
+EOF
+        fi
         ;;
     esac
 }
@@ -375,7 +458,7 @@ EOF
 check_petrel_config() {
     local dir out
     dir=$(mktemp -d "$BUILD_DIR/check-XXXXXX")
-    if [ "$BENCH_MODE" != relay ]; then
+    if want_mode receive; then
         petrel_config "$dir/spool" "$PETREL_DELIVERY" "$dir/petrel.yaml"
         if ! out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1); then
             if [ "$PETREL_DELIVERY" = park ]; then
@@ -391,10 +474,15 @@ check_petrel_config() {
             fi
         fi
     fi
-    if [ "$BENCH_MODE" != receive ]; then
+    if want_mode relay || want_mode milter; then
         petrel_config "$dir/spool" relay "$dir/petrel.yaml"
         out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1) ||
             { rm -rf "$dir"; die "petrel rejects the relay configuration: $out"; }
+    fi
+    if want_mode milter; then
+        petrel_config "$dir/spool" relay-milter "$dir/petrel.yaml"
+        out=$("$PETREL" check-config -c "$dir/petrel.yaml" 2>&1) ||
+            { rm -rf "$dir"; die "petrel rejects the milter configuration: $out"; }
     fi
     rm -rf "$dir"
 }
@@ -489,17 +577,27 @@ petrel_receive() {
     row
 }
 
-# petrel_relay MESSAGES SIZE SESSIONS RUN: end to end, petrel relaying to the
-# sink; the sink must count exactly MESSAGES more and the queue must be empty.
+# petrel_relay MESSAGES SIZE SESSIONS RUN [SCENARIO]: end to end, petrel
+# relaying to the sink; the sink must count exactly MESSAGES more and the
+# queue must be empty. SCENARIO: relay (default), relay-nomilter (the same,
+# as the milter scenario's baseline) or relay-milter (with the pass-through
+# milter, which must see every message).
 petrel_relay() {
-    local msgs=$1 size=$2 sess=$3 run=$4 scen=relay server=petrel
+    local msgs=$1 size=$2 sess=$3 run=$4 scen=${5:-relay} server=petrel
     local dir cfg log status=ok wall=- cpu=- mem=- src_rc=0 rc t0 t1 c0 c1 b0 b1 s0 others qn
     local relay=- rcpu=- rmem=- cpud=- drain=- rothers=- sinkn=- sinks=- base sbase n sn
+    local mcpu=- mmsgs=- mc0=0 mm0=0 kind=relay
+    [ "$scen" = relay-milter ] && kind=relay-milter
     dir=$(mktemp -d "$BUILD_DIR/spool-XXXXXX")
     cfg=$dir/petrel.yaml
-    log=$BUILD_DIR/logs/petrel-relay-${msgs}x$size-s$sess-r$run.log
+    log=$BUILD_DIR/logs/petrel-$scen-${msgs}x$size-s$sess-r$run.log
     mkdir -p "$dir/spool"
-    petrel_config "$dir/spool" relay "$cfg"
+    petrel_config "$dir/spool" "$kind" "$cfg"
+    if [ "$kind" = relay-milter ]; then
+        milter_check
+        mc0=$("${LIB[@]}" cpu "$MILTER_PID")
+        mm0=$(milter_count)
+    fi
 
     listening "$PETREL_PORT" && die "port $PETREL_PORT is already in use"
     sink_check
@@ -564,6 +662,7 @@ petrel_relay() {
     if [ "$status" = ok ] && [ "$sinkn" -ne "$msgs" ]; then
         status="the sink got $sinkn messages, $msgs were sent"
     fi
+    [ "$kind" = relay-milter ] && milter_figures "$mc0" "$mm0" "$msgs"
 
     # Nothing may be left behind in the queue.
     if petrel_queue "$cfg" "$dir/queue.txt"; then
@@ -632,7 +731,7 @@ postfix_run() {
     local scen=$1 msgs=$2 size=$3 sess=$4 run=$5 server=postfix
     local dir master status=ok src_rc=0 wall=- cpu=- cpud=- drain=- mem=- others
     local relay=- rcpu=- rmem=- rothers=- sinkn=- sinks=- base sbase n sn
-    local t0 t1 t2 c0 c1 c2 s0 off n_in n_sent i b0 b1
+    local t0 t1 t2 c0 c1 c2 s0 off n_in n_sent i b0 b1 mcpu=- mmsgs=- mc0=0 mm0=0
     dir=$(mktemp -d "$BUILD_DIR/postfix-XXXXXX")
     sink_check
 
@@ -645,6 +744,16 @@ postfix_run() {
     POSTFIX_LOG=$(postconf -h maillog_file)
     master=$(tr -d ' \n' <"$POSTFIX_QDIR/pid/master.pid")
     alive "$master" || die "no Postfix master process ($master)"
+    if [ "$scen" = relay-milter ]; then
+        # The reference main.cf has no milter (ctl.sh reinstalls it at the next
+        # restart); smtpd processes started after the reload use the filter.
+        milter_check
+        postconf -e "smtpd_milters = inet:127.0.0.1:$MILTER_PORT" \
+            "milter_default_action = tempfail" "milter_protocol = 6" ||
+            die "postconf smtpd_milters failed"
+        postfix reload >>"$dir/ctl.out" 2>&1 || die "postfix reload failed"
+        sleep 1
+    fi
 
     if ! smtp_source "$POSTFIX_PORT" "$sess" 500 "$size" "$dir/warmup.out"; then
         cat "$dir/warmup.out" >&2
@@ -656,6 +765,10 @@ postfix_run() {
     sink_idle 15 || say "warning: Postfix keeps connections to the sink open after the warm-up"
     off=$(log_size)
     read -r base sbase < <(sink_counts)
+    if [ "$scen" = relay-milter ]; then
+        mc0=$("${LIB[@]}" cpu "$MILTER_PID")
+        mm0=$(milter_count)
+    fi
 
     watch_start $((base + msgs)) treecpu "$master" "$dir/watch"
     read -r c0 _ < <("${LIB[@]}" treecpu "$master")
@@ -717,6 +830,8 @@ postfix_run() {
     fi
     # Stopped, so that every connection it used has ended and been counted.
     postfix_stop
+    # Back to the reference main.cf (as ctl.sh installs it): no milter left behind.
+    [ "$scen" = relay-milter ] && install -m 644 "$POSTFIX_DIR/main.cf" /etc/postfix/main.cf
     sink_idle 10 || say "warning: connections to the sink still open after postfix stop"
     read -r n sn < <(sink_counts)
     sinkn=$((n - base))
@@ -724,6 +839,7 @@ postfix_run() {
     if [ "$status" = ok ] && [ "$sinkn" -ne "$msgs" ]; then
         status="the sink got $sinkn messages, $msgs were sent"
     fi
+    [ "$scen" = relay-milter ] && milter_figures "$mc0" "$mm0" "$msgs"
 
     if [ "$status" = ok ]; then
         rm -rf "$dir"
@@ -737,10 +853,11 @@ postfix_run() {
 
 # The workloads, in order: the receive scenario's (BENCH_MESSAGES x BENCH_SIZE
 # for each of BENCH_SESSIONS), then the relay scenario's (BENCH_RELAY) that are
-# not already among them. Each is MESSAGES:SIZE:SESSIONS:SCENARIO.
+# not already among them, then the milter scenario's (BENCH_MILTER). Each is
+# MESSAGES:SIZE:SESSIONS:SCENARIO.
 WORKLOADS=()
 relay_has() { [[ " $BENCH_RELAY " == *" $1 "* ]]; }
-if [ "$BENCH_MODE" != relay ]; then
+if want_mode receive; then
     for s in $BENCH_SESSIONS; do
         w=$BENCH_MESSAGES:$BENCH_SIZE:$s
         if [ "$BENCH_MODE" = all ] && relay_has "$w"; then
@@ -750,12 +867,15 @@ if [ "$BENCH_MODE" != relay ]; then
         fi
     done
 fi
-if [ "$BENCH_MODE" != receive ]; then
+if want_mode relay; then
     for w in $BENCH_RELAY; do
         dup=0
         for x in "${WORKLOADS[@]}"; do [ "${x%:*}" = "$w" ] && dup=1; done
         [ "$dup" -eq 0 ] && WORKLOADS+=("$w:relay")
     done
+fi
+if want_mode milter; then
+    for w in $BENCH_MILTER; do WORKLOADS+=("$w:milter"); done
 fi
 
 say "mode=$BENCH_MODE runs=$BENCH_RUNS cpus=$NCPU loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -770,10 +890,10 @@ if [ "$SKIP_PETREL" != 1 ]; then
         build_petrel
     fi
     check_petrel_config
-    [ "$BENCH_MODE" != relay ] &&
+    want_mode receive &&
         say "Scenario A: petrel receive path on 127.0.0.1:$PETREL_PORT" \
             "(deliveries: $PETREL_DELIVERY)"
-    [ "$BENCH_MODE" != receive ] &&
+    { want_mode relay || want_mode milter; } &&
         say "Relay: petrel on 127.0.0.1:$PETREL_PORT routing dest.test to smtp-sink on" \
             ":$SINK_PORT ($RELAY_CONNECTIONS connections, $RELAY_PER_CONNECTION messages" \
             "per connection, cache $RELAY_CACHE_TIME)"
@@ -785,14 +905,32 @@ fi
 if [ "$SKIP_POSTFIX" != 1 ] || { [ "$SKIP_PETREL" != 1 ] && [ "$BENCH_MODE" != receive ]; }; then
     sink_start
 fi
+if want_mode milter; then
+    say "Milter: relay with and without a pass-through milter on 127.0.0.1:$MILTER_PORT" \
+        "(bench/passthrough_milter.c), for each server"
+    milter_start
+fi
 
 # The machine may be shared and its load drift during the benchmark, so the
 # servers are interleaved (petrel run 1, Postfix run 1, petrel run 2, …)
 # rather than run one after the other: both then see the same conditions.
-# Postfix is stopped during petrel's runs.
+# Postfix is stopped during petrel's runs. The milter scenario interleaves
+# four runs: petrel without and with the milter, then Postfix likewise.
 for w in "${WORKLOADS[@]}"; do
     IFS=: read -r msgs size sess scen <<<"$w"
     for ((run = 1; run <= BENCH_RUNS; run++)); do
+        if [ "$scen" = milter ]; then
+            for m in relay-nomilter relay-milter; do
+                [ "$SKIP_PETREL" != 1 ] && petrel_relay "$msgs" "$size" "$sess" "$run" "$m"
+            done
+            if [ "$SKIP_POSTFIX" != 1 ]; then
+                for m in relay-nomilter relay-milter; do
+                    postfix_run "$m" "$msgs" "$size" "$sess" "$run"
+                    postfix_stop
+                done
+            fi
+            continue
+        fi
         if [ "$SKIP_PETREL" != 1 ]; then
             [[ "$scen" == *receive* ]] && petrel_receive "$msgs" "$size" "$sess" "$run"
             [[ "$scen" == *relay* ]] && petrel_relay "$msgs" "$size" "$sess" "$run"
