@@ -345,77 +345,16 @@ hook_fact(const struct hook_session *hs, const char *name)
 
 /* ---- header section helpers ------------------------------------------ */
 
-/* Offset of the empty line ending the header section (the CRLF of the
- * empty line), or content.len when there is none. */
-static size_t
-hook_header_end(struct span c)
-{
-    if (c.len >= 2 && c.p[0] == '\r' && c.p[1] == '\n')
-        return 0;
-    const char *e = memmem(c.p, c.len, "\r\n\r\n", 4);
-    return e ? (size_t)(e - c.p) + 2 : c.len;
-}
-
-/* Parses the header section into name/value pairs (value: after the colon,
- * leading white space dropped, folding CRLFs removed). Everything is
- * allocated in one block returned through *store. */
-static struct plua_header *
-hook_parse_headers(struct span c, size_t *n, char **store)
-{
-    size_t end = hook_header_end(c);
-    size_t cap = 0;
-    for (size_t i = 0; i < end; i++)
-        if (c.p[i] == '\n')
-            cap++;
-    struct plua_header *hv = xcalloc(cap + 1, sizeof(*hv));
-    char *s = xmalloc(end + 1);
-    *store = s;
-    size_t count = 0;
-    size_t i = 0;
-    while (i < end) {
-        /* one field: up to a CRLF not followed by white space */
-        size_t j = i;
-        while (j < end) {
-            const char *nl = memchr(c.p + j, '\n', end - j);
-            j = nl ? (size_t)(nl - c.p) + 1 : end;
-            if (j >= end || (c.p[j] != ' ' && c.p[j] != '\t'))
-                break;
-        }
-        const char *colon = memchr(c.p + i, ':', j - i);
-        if (colon != NULL && count < cap + 1) {
-            size_t nlen = (size_t)(colon - (c.p + i));
-            char *name = s;
-            memcpy(s, c.p + i, nlen);
-            s[nlen] = '\0';
-            s += nlen + 1;
-            char *value = s;
-            size_t k = (size_t)(colon - c.p) + 1;
-            while (k < j && (c.p[k] == ' ' || c.p[k] == '\t'))
-                k++;
-            for (; k < j; k++)
-                if (c.p[k] != '\r' && c.p[k] != '\n')
-                    *s++ = c.p[k];
-            *s++ = '\0';
-            hv[count].name = name;
-            hv[count].value = value;
-            count++;
-        }
-        i = j;
-    }
-    *n = count;
-    return hv;
-}
-
 /* Appends the headers (name: value, CR/LF in values replaced by spaces) at
  * the end of the header section of hs's current message. */
 static void
-hook_add_headers(struct hook_session *hs, const struct plua_header *add, size_t n)
+hook_add_headers(struct hook_session *hs, const struct header_field *add, size_t n)
 {
     if (n == 0)
         return;
     struct span cur = hs->changed ? (struct span){ buf_ptr(&hs->content), hs->content.len }
                                   : hs->in;
-    size_t end = hook_header_end(cur);
+    size_t end = header_section_end(cur);
     struct buf out;
     buf_init(&out);
     buf_append(&out, cur.p, end);
@@ -597,6 +536,37 @@ hook_on_milter_eom(struct milter_session *ms, const struct verdict *v,
     hook_step(hs);
 }
 
+/* The view of the stage in progress for Lua or the plugins; *hv and
+ * *store (header fields at end of message) are the caller's to free. */
+static void
+hook_stage_args(const struct hook_session *hs, struct plua_args *a, struct header_field **hv,
+                char **store)
+{
+    hook_args(hs, a);
+    *hv = NULL;
+    *store = NULL;
+    switch (hs->stage) {
+    case HS_RCPT:
+        a->rcpt = hs->rcpt;
+        break;
+    case HS_EOM:
+        *hv = header_parse(hook_current(hs), &a->nheaders, store);
+        a->headers = *hv;
+        a->size = hs->changed ? hs->content.len : hs->size;
+        break;
+    case HS_AUTH:
+        a->user = hs->a1;
+        a->password = hs->a2;
+        break;
+    case HS_XBIND:
+        a->xbind_ip = hs->a1;
+        a->xbind_hostname = hs->a2;
+        break;
+    default:
+        break;
+    }
+}
+
 /* Starts the Lua call of the stage, or returns false if there is none. */
 static bool
 hook_start_lua(struct hook_session *hs)
@@ -605,29 +575,9 @@ hook_start_lua(struct hook_session *hs)
     if (hs->stage == HS_DATA || !plua_has_hook(hs->h->lua, plugin_hook_name(p)))
         return false;
     struct plua_args a;
-    hook_args(hs, &a);
-    struct plua_header *hv = NULL;
-    char *store = NULL;
-    switch (hs->stage) {
-    case HS_RCPT:
-        a.rcpt = hs->rcpt;
-        break;
-    case HS_EOM:
-        hv = hook_parse_headers(hook_current(hs), &a.nheaders, &store);
-        a.headers = hv;
-        a.size = hs->size;
-        break;
-    case HS_AUTH:
-        a.user = hs->a1;
-        a.password = hs->a2;
-        break;
-    case HS_XBIND:
-        a.xbind_ip = hs->a1;
-        a.xbind_hostname = hs->a2;
-        break;
-    default:
-        break;
-    }
+    struct header_field *hv;
+    char *store;
+    hook_stage_args(hs, &a, &hv, &store);
     hs->ran = true;
     hs->lcall = plua_call(hs->h->lua, plugin_hook_name(p), &a, hook_on_lua, hs);
     free(hv);
@@ -642,29 +592,9 @@ hook_start_plugin(struct hook_session *hs)
     if (hs->stage == HS_DATA || !plugins_have(hs->h->plugins, p))
         return false;
     struct plua_args a;
-    hook_args(hs, &a);
-    struct plua_header *hv = NULL;
-    char *store = NULL;
-    switch (hs->stage) {
-    case HS_RCPT:
-        a.rcpt = hs->rcpt;
-        break;
-    case HS_EOM:
-        hv = hook_parse_headers(hook_current(hs), &a.nheaders, &store);
-        a.headers = hv;
-        a.size = hs->changed ? hs->content.len : hs->size;
-        break;
-    case HS_AUTH:
-        a.user = hs->a1;
-        a.password = hs->a2;
-        break;
-    case HS_XBIND:
-        a.xbind_ip = hs->a1;
-        a.xbind_hostname = hs->a2;
-        break;
-    default:
-        break;
-    }
+    struct header_field *hv;
+    char *store;
+    hook_stage_args(hs, &a, &hv, &store);
     hs->ran = true;
     hs->pcall = plugin_call(hs->h->plugins, p, &a, hook_on_plugin, hs);
     free(hv);

@@ -33,7 +33,7 @@ struct hooks_call {
     struct plua_args args;      /* strings and arrays point into owned storage below */
     char **owned;               /* owned: every string copied into args */
     size_t nowned, capowned;
-    struct plua_header *headers;  /* owned (the array; strings in owned) */
+    struct header_field *headers;  /* owned (the array; strings in owned) */
     struct plua_failure *failures; /* owned (same) */
     struct plua_call *lcall;    /* pending Lua call, or NULL */
     struct plugin_call *pcall;  /* pending plugin call, or NULL */

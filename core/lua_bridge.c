@@ -424,31 +424,6 @@ plua_push_args(struct plua_call *c, lua_State *co, const struct plua_args *a)
 
 /* ---- verdicts ---- */
 
-/* Splits "x.y.z text" into esc and text; a text without an enhanced code
- * gets dflt. Returns NULL or why the reply is invalid. */
-static const char *
-plua_split_reply(const char *s, const char *dflt, char *esc, size_t esc_size, const char **text)
-{
-    size_t n = strcspn(s, " ");
-    bool looks = n > 0 && s[0] >= '0' && s[0] <= '9' && memchr(s, '.', n) != NULL;
-    if (!looks) {
-        if (!str_copy(esc, esc_size, dflt))
-            return "enhanced status code too long";
-        *text = s;
-        return NULL;
-    }
-    if (n >= esc_size)
-        return "malformed enhanced status code";
-    memcpy(esc, s, n);
-    esc[n] = '\0';
-    unsigned a, b, c;
-    int used = 0;
-    if (sscanf(esc, "%1u.%3u.%3u%n", &a, &b, &c, &used) != 3 || (size_t)used != n)
-        return "malformed enhanced status code";
-    *text = s[n] == ' ' ? s + n + 1 : s + n;
-    return NULL;
-}
-
 /* petrel.reject / petrel.tempfail: validates and returns a verdict table. */
 static int
 plua_make_refusal(lua_State *L, const char *kind, int lo)
@@ -459,7 +434,7 @@ plua_make_refusal(lua_State *L, const char *kind, int lo)
         return luaL_error(L, "petrel.%s: code %d is not %dxx", kind, (int)code, lo / 100);
     char esc[16];
     const char *text;
-    const char *why = plua_split_reply(s, lo == 500 ? "5.7.1" : "4.7.1", esc, sizeof(esc), &text);
+    const char *why = verdict_split_text(s, lo == 500 ? "5.7.1" : "4.7.1", esc, sizeof(esc), &text);
     if (why != NULL)
         return luaL_error(L, "petrel.%s: %s", kind, why);
     if (!reply_check((int)code, esc))

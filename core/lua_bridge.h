@@ -32,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "header.h"
 #include "verdict.h"
 
 struct uv_loop_s;
@@ -46,10 +47,8 @@ struct plua_call;
 #define PLUA_DEADLINE_MIN_MS 1000
 #define PLUA_MAX_ADD_HEADERS 64 /* msg:add_header() calls per call */
 
-struct plua_header {
-    const char *name;  /* borrowed (args) / owned (results) */
-    const char *value; /* same */
-};
+/* Header fields (header.h): borrowed in plua_args; in plua_result
+ * (add_headers) both strings are owned by the result. */
 
 struct plua_failure { /* one failed recipient, for the bounce hook */
     const char *rcpt; /* borrowed */
@@ -79,7 +78,7 @@ struct plua_args {
     const char *from, *params;
     const char *rcpt;
     const char *queue_id; /* also the log key; NULL: NOQUEUE */
-    const struct plua_header *headers;
+    const struct header_field *headers;
     size_t nheaders;
     uint64_t size;
     uint64_t age; /* seconds since queued (msg.age) */
@@ -108,7 +107,7 @@ struct plua_result {
     char *error; /* owned: PLUA_ERROR's message, else NULL */
     /* connect, helo, mail_from, rcpt_to, data (and on_error for any hook) */
     struct verdict verdict;
-    struct plua_header *add_headers; /* owned (names and values too): data hook */
+    struct header_field *add_headers; /* owned (names and values too): data hook */
     size_t nadd_headers;
     /* auth, xbind: what the hook returned (false for nil); answered: true or
      * false was returned (nil: no opinion, the built-in check decides) */

@@ -306,10 +306,10 @@ static void
 plugin_copy_args(char *base, size_t *off, struct plua_args *dst, const struct plua_args *src)
 {
     *off = 0;
-    struct plua_header *hs = NULL;
+    struct header_field *hs = NULL;
     struct plua_failure *fs = NULL;
     if (src->nheaders > 0) {
-        hs = base != NULL ? (struct plua_header *)(void *)base : NULL;
+        hs = base != NULL ? (struct header_field *)(void *)base : NULL;
         *off += src->nheaders * sizeof(*hs);
     }
     if (src->nfailures > 0) {
@@ -337,7 +337,7 @@ plugin_copy_args(char *base, size_t *off, struct plua_args *dst, const struct pl
         const char *name = plugin_copy_str(base, off, src->headers[i].name);
         const char *value = plugin_copy_str(base, off, src->headers[i].value);
         if (hs != NULL)
-            hs[i] = (struct plua_header){name, value};
+            hs[i] = (struct header_field){name, value};
     }
     for (size_t i = 0; i < src->nfailures; i++) {
         const struct plua_failure *f = &src->failures[i];
@@ -901,31 +901,6 @@ plugin_setter(struct petrel_ctx *ctx, const char *what, bool wants)
     return c;
 }
 
-/* Splits "x.y.z text" into esc and text; a text without an enhanced code
- * gets dflt. NULL, or why the reply is invalid (as lua_bridge does). */
-static const char *
-plugin_split_reply(const char *s, const char *dflt, char *esc, size_t esc_size, const char **text)
-{
-    size_t n = strcspn(s, " ");
-    bool looks = n > 0 && s[0] >= '0' && s[0] <= '9' && memchr(s, '.', n) != NULL;
-    if (!looks) {
-        if (!str_copy(esc, esc_size, dflt))
-            return "enhanced status code too long";
-        *text = s;
-        return NULL;
-    }
-    if (n >= esc_size)
-        return "malformed enhanced status code";
-    memcpy(esc, s, n);
-    esc[n] = '\0';
-    unsigned a, b, d;
-    int used = 0;
-    if (sscanf(esc, "%1u.%3u.%3u%n", &a, &b, &d, &used) != 3 || (size_t)used != n)
-        return "malformed enhanced status code";
-    *text = s[n] == ' ' ? s + n + 1 : s + n;
-    return NULL;
-}
-
 static int
 plugin_set_verdict(struct petrel_ctx *ctx, int kind, int code, const char *text)
 {
@@ -954,7 +929,7 @@ plugin_set_verdict(struct petrel_ctx *ctx, int kind, int code, const char *text)
         const char *dflt = code / 100 == 5 ? "5.7.1" : code / 100 == 4 ? "4.7.1" : "2.0.0";
         char esc[16];
         const char *t;
-        const char *why = plugin_split_reply(text, dflt, esc, sizeof(esc), &t);
+        const char *why = verdict_split_text(text, dflt, esc, sizeof(esc), &t);
         if (why != NULL) {
             plugin_set_why(c, "set_verdict: %s", why);
             return -1;
@@ -1025,7 +1000,7 @@ plugin_add_header(struct petrel_ctx *ctx, const char *name, const char *value)
         return -1;
     }
     r->add_headers = xreallocarray(r->add_headers, r->nadd_headers + 1, sizeof(*r->add_headers));
-    r->add_headers[r->nadd_headers++] = (struct plua_header){xstrdup(name), xstrdup(value)};
+    r->add_headers[r->nadd_headers++] = (struct header_field){xstrdup(name), xstrdup(value)};
     return 0;
 }
 

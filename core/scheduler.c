@@ -41,6 +41,7 @@
 #include "buf.h"
 #include "config.h"
 #include "dns.h"
+#include "header.h"
 #include "hooks.h"
 #include "log.h"
 #include "route.h"
@@ -559,65 +560,15 @@ sched_consider(struct sched *s, const char *qid)
 
 /* A message's header fields for the msg view, parsed from its content. */
 struct sched_headers {
-    struct plua_header *v;            /* owned array; strings in store */
+    struct header_field *v;            /* owned array; strings in store */
     size_t n;
     char *store;                      /* owned */
 };
 
-/* Offset just past the header section's last CRLF (before the empty
- * line), or content.len when the message has no body. */
-static size_t
-sched_header_end(struct span c)
-{
-    if (c.len < 4)
-        return c.len >= 2 && c.p[0] == '\r' && c.p[1] == '\n' ? 0 : c.len;
-    if (c.p[0] == '\r' && c.p[1] == '\n')
-        return 0;
-    const char *e = memmem(c.p, c.len, "\r\n\r\n", 4);
-    return e ? (size_t)(e - c.p) + 2 : c.len;
-}
-
-/* Name and value (after the colon, leading blanks dropped, folding line
- * ends removed) of every field of the header section. */
 static void
 sched_headers_parse(struct span c, struct sched_headers *out)
 {
-    size_t end = sched_header_end(c);
-    size_t cap = 1;
-    for (size_t i = 0; i < end; i++)
-        cap += c.p[i] == '\n';
-    out->v = xcalloc(cap, sizeof(*out->v));
-    out->store = xmalloc(end + 2 * cap);
-    out->n = 0;
-    char *w = out->store;
-    size_t i = 0;
-    while (i < end && out->n < cap) {
-        size_t j = i; /* the field ends at a line end not followed by a blank */
-        for (;;) {
-            const char *nl = memchr(c.p + j, '\n', end - j);
-            j = nl ? (size_t)(nl - c.p) + 1 : end;
-            if (j >= end || (c.p[j] != ' ' && c.p[j] != '\t'))
-                break;
-        }
-        const char *colon = memchr(c.p + i, ':', j - i);
-        if (colon != NULL) {
-            size_t nlen = (size_t)(colon - (c.p + i));
-            out->v[out->n].name = w;
-            memcpy(w, c.p + i, nlen);
-            w += nlen;
-            *w++ = '\0';
-            out->v[out->n].value = w;
-            size_t k = (size_t)(colon - c.p) + 1;
-            while (k < j && (c.p[k] == ' ' || c.p[k] == '\t'))
-                k++;
-            for (; k < j; k++)
-                if (c.p[k] != '\r' && c.p[k] != '\n' && c.p[k] != '\0')
-                    *w++ = c.p[k];
-            *w++ = '\0';
-            out->n++;
-        }
-        i = j;
-    }
+    out->v = header_parse(c, &out->n, &out->store);
 }
 
 /* The headers of content, or of qid's stored content when content is empty. */

@@ -334,3 +334,26 @@ verdict_format(const struct verdict *v, char *out, size_t size)
     if (n < 0)
         out[0] = '\0'; /* truncation is fine: snprintf terminated out */
 }
+
+const char *
+verdict_split_text(const char *s, const char *dflt, char *esc, size_t esc_size, const char **text)
+{
+    size_t n = strcspn(s, " ");
+    bool looks = n > 0 && s[0] >= '0' && s[0] <= '9' && memchr(s, '.', n) != NULL;
+    if (!looks) {
+        if (!str_copy(esc, esc_size, dflt))
+            return "enhanced status code too long";
+        *text = s;
+        return NULL;
+    }
+    if (n >= esc_size)
+        return "malformed enhanced status code";
+    memcpy(esc, s, n);
+    esc[n] = '\0';
+    unsigned a, b, c;
+    int used = 0;
+    if (sscanf(esc, "%1u.%3u.%3u%n", &a, &b, &c, &used) != 3 || (size_t)used != n)
+        return "malformed enhanced status code";
+    *text = s[n] == ' ' ? s + n + 1 : s + n;
+    return NULL;
+}

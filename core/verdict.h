@@ -71,6 +71,12 @@ void verdict_setf(struct verdict *v, enum verdict_kind kind, int code, const cha
  * leaves v unchanged. */
 const char *verdict_set_raw(struct verdict *v, const char *text, size_t len)
     __attribute__((warn_unused_result));
+/* Splits a policy's "x.y.z text" (Lua's petrel.reject, a plugin's
+ * set_verdict) into the enhanced code (copied into esc) and the text (a
+ * pointer into s); a text without an enhanced code gets dflt. NULL, or why
+ * the reply is invalid (static text). */
+const char *verdict_split_text(const char *s, const char *dflt, char *esc, size_t esc_size,
+                               const char **text) __attribute__((warn_unused_result));
 /* Deep copy; dst's previous contents are freed (dst may equal src). */
 void verdict_copy(struct verdict *dst, const struct verdict *src);
 /* Moves src into dst (dst's previous contents are freed); src becomes

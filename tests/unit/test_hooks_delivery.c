@@ -278,7 +278,7 @@ test_hooks_delivery_copies_arguments(void **state)
     char from[64], rcpt[64];
     snprintf(from, sizeof(from), "alice@copied.test");
     snprintf(rcpt, sizeof(rcpt), "from@x.test");
-    struct plua_header hdr[1] = { { "Subject", "hello" } };
+    struct header_field hdr[1] = { { "Subject", "hello" } };
     struct plua_failure fail[1] = { { "bob@x.test", 550, "5.1.1", "no such user" } };
     struct plua_args a = { .from = from, .rcpt = rcpt, .headers = hdr, .nheaders = 1,
                            .failures = fail, .nfailures = 1 };

@@ -524,7 +524,7 @@ test_routing_example(void **state)
     run_call(&e, "route", &a, &x);
     assert_null(x.route);
     rec_free(&x);
-    struct plua_header h[] = {{"Subject", "news"}, {"precedence", "Bulk"}};
+    struct header_field h[] = {{"Subject", "news"}, {"precedence", "Bulk"}};
     struct plua_args s = {.headers = h, .nheaders = 2, .destination = "example.org"};
     run_call(&e, "select_source", &s, &x);
     assert_int_equal(x.status, PLUA_OK);
@@ -544,7 +544,7 @@ test_other_hooks(void **state)
     (void)state;
     struct t_env e;
     env_open(&e, FIXTURE("hooks.lua"), 1000, MILTER_ACTION_TEMPFAIL);
-    struct plua_header h[] = {{"From", "a@b"}, {"Subject", "spam"}};
+    struct header_field h[] = {{"From", "a@b"}, {"Subject", "spam"}};
     struct plua_args d = {.from = "a@b", .headers = h, .nheaders = 2, .size = 1234};
     struct rec x;
     run_call(&e, "data", &d, &x);

@@ -371,7 +371,7 @@ test_plugin_accessors_see_copies_of_every_field(void **state)
     env_add(&e, TPLUG("good"), "data", "pending:5; dump", "bounce", "dump", NULL);
     env_load(&e);
     char ip[] = "192.0.2.9", from[] = "a@b.test", subj[] = "hi";
-    struct plua_header hdrs[] = {{"Subject", subj}, {"Received", "r0"}, {"Received", "r1"}};
+    struct header_field hdrs[] = {{"Subject", subj}, {"Received", "r0"}, {"Received", "r1"}};
     struct plua_failure fails[] = {{"bob@x.test", 550, "5.1.1", "no such user"}};
     struct plua_args a = {.ip = ip,
                           .port = 4242,
