@@ -1009,6 +1009,8 @@ static const char *const config_listener_tls[] = {"none", "starttls", "implicit"
 static const char *const config_listener_auth[] = {"none", "optional", "required", NULL};
 static const char *const config_delivery_tls[] = {"none", "opportunistic", "required", "dane",
                                                   NULL};
+static const char *const config_route_tls[] = {"none", "opportunistic", "required", "dane",
+                                               "default", NULL};
 static const char *const config_actions[] = {"accept", "tempfail", "reject", NULL};
 
 static config_custom_fn config_parse_listeners, config_parse_listener_address,
@@ -1138,6 +1140,7 @@ static const struct config_option config_options[] = {
     { OPT(S_ROUTE, "domain", T_STR, RTE(domain)), .required = true,
       .check = config_check_route_domain },
     { OPT(S_ROUTE, "via", T_STR, RTE(via)), .required = true, .check = config_check_via },
+    { OPT(S_ROUTE, "tls", T_ENUM, RTE(tls)), .def = "default", .names = config_route_tls },
 
     { OPT(S_TOP, "retry", T_SECTION, 0), .sub = S_RETRY },
     { OPT(S_RETRY, "schedule", T_DURATION_LIST, TOP(retry.schedule_ms)),

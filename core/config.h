@@ -73,11 +73,13 @@ struct ip_hostname {
 };
 
 enum delivery_tls { DELIVERY_TLS_NONE, DELIVERY_TLS_OPPORTUNISTIC, DELIVERY_TLS_REQUIRED,
-                    DELIVERY_TLS_DANE };
+                    DELIVERY_TLS_DANE,
+                    DELIVERY_TLS_DEFAULT /* routes[].tls only: delivery.tls applies */ };
 
 struct route_config {
     char *domain;            /* owned; exact or "*.x" or "*" */
     char *via;               /* owned: "mx" | "smtp:[host]:port" | "lmtp:[host]:port" | "lmtp:unix:/path" */
+    enum delivery_tls tls;   /* this route's TLS policy; default DELIVERY_TLS_DEFAULT */
     int line;
 };
 

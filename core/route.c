@@ -165,6 +165,7 @@ const char *
 route_parse(const char *via, struct route *out)
 {
     memset(out, 0, sizeof(*out));
+    out->tls = DELIVERY_TLS_DEFAULT;
     if (strcmp(via, "mx") == 0) {
         out->kind = ROUTE_MX;
         return NULL;
@@ -187,8 +188,10 @@ route_parse(const char *via, struct route *out)
         return NULL;
     }
     const char *why = route_parse_hostport(rest, out);
-    if (why != NULL)
+    if (why != NULL) {
         memset(out, 0, sizeof(*out));
+        out->tls = DELIVERY_TLS_DEFAULT;
+    }
     return why;
 }
 
@@ -214,6 +217,7 @@ static void
 route_default(const char *domain, struct route *out)
 {
     memset(out, 0, sizeof(*out));
+    out->tls = DELIVERY_TLS_DEFAULT;
     size_t len = strlen(domain);
     if (len >= sizeof(out->host))
         PANIC("recipient domain of %zu octets (smtp_parse allows 255)", len);
@@ -249,6 +253,7 @@ route_for_domain(const struct petrel_config *cfg, const char *domain, struct rou
                   rc->line, rc->via, why);
         if (out->kind == ROUTE_MX && out->host[0] == '\0')
             route_default(domain, out); /* via: mx */
+        out->tls = (int)rc->tls;
         return;
     }
     route_default(domain, out);
@@ -278,6 +283,9 @@ route_key(const struct route *r, unsigned default_port, char *out, size_t size)
     default:
         PANIC("route kind %d", (int)r->kind);
     }
+    static const char *const tls_names[] = {"none", "opportunistic", "required", "dane"};
+    if (n >= 0 && (size_t)n < size && r->tls >= 0 && r->tls < (int)ARRAY_SIZE(tls_names))
+        n += snprintf(out + n, size - (size_t)n, " tls=%s", tls_names[r->tls]);
     if (n < 0 || (size_t)n >= size)
         PANIC("route key buffer of %zu octets too small", size);
 }

@@ -26,14 +26,16 @@ struct route {
     char host[256]; /* domain, hostname or IP literal (no brackets) */
     unsigned port;  /* 0: delivery.port (SMTP) / 24 (LMTP) */
     char path[108]; /* ROUTE_UNIX */
+    int tls;        /* enum delivery_tls from routes[].tls; DELIVERY_TLS_DEFAULT: delivery.tls */
 };
 
 /* LMTP has no well-known port (RFC 2033 section 5 forbids 25); 24 is the
  * conventional one (Dovecot, Cyrus) and fills port 0 of LMTP routes. */
 #define ROUTE_LMTP_PORT 24
 
-/* Size of a buffer that holds any route_key(): "lmtp:[<255>]:65535" + NUL. */
-#define ROUTE_KEY_MAX 272
+/* Size of a buffer that holds any route_key(): "lmtp:[<255>]:65535",
+ * a " tls=opportunistic" suffix, NUL. */
+#define ROUTE_KEY_MAX 292
 
 /* Parses a `via` value: "mx", "smtp:[host]:port", "smtp:host:port",
  * "smtp:[host]", "lmtp:[host]:port", "lmtp:host:port", "lmtp:unix:/path".
@@ -58,7 +60,9 @@ const char *route_parse(const char *via, struct route *out);
  * otherwise. */
 void route_for_domain(const struct petrel_config *cfg, const char *domain, struct route *out);
 
-/* A stable key naming the destination queue, e.g. "mx:example.org",
+/* A stable key naming the destination queue (a route with its own TLS
+ * policy gets a " tls=<policy>" suffix: two policies never share a
+ * queue or a connection), e.g. "mx:example.org",
  * "smtp:[192.0.2.1]:25", "lmtp:unix:/run/dovecot/lmtp". Forms:
  *   recipient MX      "mx:<domain>" ("mx:<domain>:<port>" if port ≠ default)
  *   smarthost MX      "smtp:<host>:<port>"

@@ -36,6 +36,7 @@ ZONE = {
     "mx": [
         ("tls.tls.test", 10, "mx.tls.tls.test"),
         ("plain.tls.test", 10, "mx.plain.tls.test"),
+        ("plain2.tls.test", 10, "mx.plain.tls.test"),
     ],
     "a": [
         ("mx.tls.tls.test", "127.0.7.2"),
@@ -324,6 +325,26 @@ def test_required_tls_to_an_mx_without_starttls_defers(world):
     assert not mx.all_transactions(), f"a transaction in plaintext: {mx.describe()}"
     conns = mx.all_connections()
     assert conns and conns[0].verb == "EHLO", f"got {conns}"
+
+
+def test_route_tls_required_overrides_opportunistic_delivery(world):
+    """routes[].tls: one domain's route requires TLS while delivery.tls stays
+    opportunistic: its MX without STARTTLS defers, another domain's mail to
+    the same MX goes in plaintext."""
+    mx = world.mx("127.0.7.3", "mx.plain.tls.test")
+    p = world.start(extra={"routes": [{"domain": "plain.tls.test", "via": "mx",
+                                       "tls": "required"}]})
+    qid = submit(p, SENDER, ["bob@plain.tls.test"], message("must be encrypted",
+                                                              sender=SENDER))
+    d = wait_delivery(p, qid, "bob@plain.tls.test", "deferred")
+    check_fields(d, dsn="4.7.4",
+                 reply=re.compile(r"451 4\.7\.4 TLS required but not offered by "
+                                  r"mx\.plain\.tls\.test\[127\.0\.7\.3\]:\d+"))
+    assert not mx.all_transactions(), f"a transaction in plaintext: {mx.describe()}"
+    # the global policy is untouched: no route, opportunistic, plaintext is fine
+    qid2 = submit(p, SENDER, ["carol@plain2.tls.test"], message("plain", sender=SENDER))
+    mx.wait_for(1, 15)
+    wait_delivery(p, qid2, "carol@plain2.tls.test", "sent")
 
 
 def test_opportunistic_tls_to_an_mx_without_starttls_is_plaintext(world):

@@ -427,13 +427,14 @@ test_config_refcount_keeps_config_alive(void **state)
 
 /* ---- the option table ---------------------------------------------------- */
 
-/* A config (owned) with one listener and one milter, and option path (one
+/* A config (owned) with one listener, one milter and one route, and option path (one
  * of the table's; NULL: none) set to value, quoted. */
 static char *
 yaml_setting(const char *path, const char *value, bool list)
 {
-    struct buf v, lst, mlt, top;
+    struct buf v, lst, mlt, top, rte;
     buf_init(&v);
+    buf_init(&rte);
     buf_init(&lst);
     buf_init(&mlt);
     buf_init(&top);
@@ -455,6 +456,8 @@ yaml_setting(const char *path, const char *value, bool list)
         /* the minimal config itself */
     } else if (strncmp(path, "listeners[].", 12) == 0) {
         buf_printf(&lst, ", %s: %s", path + 12, vs);
+    } else if (strncmp(path, "routes[].", 9) == 0) {
+        buf_printf(&rte, ", %s: %s", path + 9, vs);
     } else if (strncmp(path, "milters[].timeouts.", 19) == 0) {
         buf_printf(&mlt, ", timeouts: {%s: %s}", path + 19, vs);
     } else if (strncmp(path, "milters[].", 10) == 0) {
@@ -468,9 +471,12 @@ yaml_setting(const char *path, const char *value, bool list)
     }
     free(vs);
     char *l = buf_steal(&lst, NULL), *m = buf_steal(&mlt, NULL), *t = buf_steal(&top, NULL);
+    char *r = buf_steal(&rte, NULL);
     char *yaml = xasprintf("%slisteners: [{address: 127.0.0.1:25%s}]\n"
-                           "milters: [{name: m, socket: unix:/m%s}]\n",
-                           t, l, m);
+                           "milters: [{name: m, socket: unix:/m%s}]\n"
+                           "routes: [{domain: r.example, via: mx%s}]\n",
+                           t, l, m, r);
+    free(r);
     free(l);
     free(m);
     free(t);

@@ -351,18 +351,18 @@ test_route_parse_accepts_every_via_config_accepts(void **state)
 /* Built by hand rather than loaded, so that the forms the config's own via
  * check does not take yet ("smtp:[host]", "lmtp:[host]") are covered too. */
 static struct route_config routes[] = {
-    {"internal.example", "lmtp:unix:/run/dovecot/lmtp", 1},
-    {"*.partner.example", "smtp:[10.1.1.1]:2525", 2},
-    {"a.partner.example", "smtp:[10.9.9.9]:25", 3},
-    {"partner.example", "smtp:relay.partner.example:587", 4},
-    {"mxonly.example", "mx", 5},
-    {"store.example", "lmtp:[192.0.2.24]", 6},
+    {"internal.example", "lmtp:unix:/run/dovecot/lmtp", DELIVERY_TLS_DEFAULT, 1},
+    {"*.partner.example", "smtp:[10.1.1.1]:2525", DELIVERY_TLS_DEFAULT, 2},
+    {"a.partner.example", "smtp:[10.9.9.9]:25", DELIVERY_TLS_DEFAULT, 3},
+    {"partner.example", "smtp:relay.partner.example:587", DELIVERY_TLS_DEFAULT, 4},
+    {"mxonly.example", "mx", DELIVERY_TLS_DEFAULT, 5},
+    {"store.example", "lmtp:[192.0.2.24]", DELIVERY_TLS_DEFAULT, 6},
 };
 
 static struct route_config catchall_routes[] = {
-    {"internal.example", "lmtp:unix:/run/dovecot/lmtp", 1},
-    {"*", "smtp:[relay.example]", 2},
-    {"other.example", "smtp:[10.9.9.9]:25", 3},
+    {"internal.example", "lmtp:unix:/run/dovecot/lmtp", DELIVERY_TLS_DEFAULT, 1},
+    {"*", "smtp:[relay.example]", DELIVERY_TLS_DEFAULT, 2},
+    {"other.example", "smtp:[10.9.9.9]:25", DELIVERY_TLS_DEFAULT, 3},
 };
 
 static const struct {
@@ -566,23 +566,63 @@ test_route_key_max_fits_longest_keys(void **state)
     r.lmtp = true;
     r.smarthost = true;
     r.port = 65535;
+    r.tls = DELIVERY_TLS_OPPORTUNISTIC; /* the longest suffix */
     memset(r.host, 'h', sizeof(r.host) - 1);
     char key[ROUTE_KEY_MAX];
     route_key(&r, 25, key, sizeof(key));
-    assert_int_equal(strlen(key), strlen("lmtp:[]:65535") + sizeof(r.host) - 1);
+    assert_int_equal(strlen(key),
+                     strlen("lmtp:[]:65535 tls=opportunistic") + sizeof(r.host) - 1);
 
     r.kind = ROUTE_MX;
     r.lmtp = false;
     r.smarthost = false;
+    r.tls = DELIVERY_TLS_DEFAULT;
     route_key(&r, 25, key, sizeof(key));
     assert_int_equal(strlen(key), strlen("mx::65535") + sizeof(r.host) - 1);
 
     memset(&r, 0, sizeof(r));
+    r.tls = DELIVERY_TLS_DEFAULT;
     r.kind = ROUTE_UNIX;
     r.lmtp = true;
     memset(r.path, 'p', sizeof(r.path) - 1);
     route_key(&r, 25, key, sizeof(key));
     assert_int_equal(strlen(key), strlen("lmtp:unix:") + sizeof(r.path) - 1);
+}
+
+/* routes[].tls: the route carries its policy and its queue key says so,
+ * so two policies to one next hop never share a queue or a connection. */
+static void
+test_route_tls_policy_is_part_of_the_key(void **state)
+{
+    (void)state;
+    static struct route_config tls_routes[] = {
+        {"secure.example", "smtp:[10.1.1.1]:25", DELIVERY_TLS_REQUIRED, 1},
+        {"other.example", "smtp:[10.1.1.1]:25", DELIVERY_TLS_DEFAULT, 2},
+        {"dane.example", "mx", DELIVERY_TLS_DANE, 3},
+    };
+    struct petrel_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.routes = tls_routes;
+    cfg.nroutes = ARRAY_SIZE(tls_routes);
+    static const struct {
+        const char *domain;
+        int tls;
+        const char *key;
+    } cases[] = {
+        { "secure.example", DELIVERY_TLS_REQUIRED, "smtp:[10.1.1.1]:25 tls=required" },
+        { "other.example", DELIVERY_TLS_DEFAULT, "smtp:[10.1.1.1]:25" },
+        { "dane.example", DELIVERY_TLS_DANE, "mx:dane.example tls=dane" },
+        { "unrouted.example", DELIVERY_TLS_DEFAULT, "mx:unrouted.example" },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        struct route r;
+        route_for_domain(&cfg, cases[i].domain, &r);
+        char key[ROUTE_KEY_MAX];
+        route_key(&r, 25, key, sizeof(key));
+        if (r.tls != cases[i].tls || strcmp(key, cases[i].key) != 0)
+            fail_msg("%s: got tls=%d key '%s', want tls=%d key '%s'", cases[i].domain, r.tls,
+                     key, cases[i].tls, cases[i].key);
+    }
 }
 
 int
@@ -599,6 +639,7 @@ main(void)
         cmocka_unit_test(test_route_key_names_destinations),
         cmocka_unit_test(test_route_key_same_destination_same_key),
         cmocka_unit_test(test_route_key_max_fits_longest_keys),
+        cmocka_unit_test(test_route_tls_policy_is_part_of_the_key),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
