@@ -843,18 +843,7 @@ plua_fail(struct plua_call *c, const char *msg)
     r->retry_set = r->bounce = false;
     r->retry_seconds = 0;
     r->status = PLUA_ERROR;
-    switch (c->p->on_error) {
-    case MILTER_ACTION_ACCEPT:
-        verdict_clear(&r->verdict);
-        break;
-    case MILTER_ACTION_REJECT:
-        verdict_setf(&r->verdict, VERDICT_REJECT, 550, "5.7.1", "Rejected by local policy");
-        break;
-    default:
-        verdict_setf(&r->verdict, VERDICT_TEMPFAIL, 451, "4.3.0",
-                     "Local policy temporarily unavailable, try again later");
-        break;
-    }
+    verdict_set_on_error(&r->verdict, c->p->on_error);
     r->allow = false;
 }
 

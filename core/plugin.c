@@ -407,18 +407,7 @@ plugin_fail_call(struct plugin_call *c)
     r->error = xasprintf("plugin %s: hook %s: %s", pl->name, hook, c->why);
     plugin_result_clear_answers(r);
     r->status = PLUA_ERROR;
-    switch (c->set->on_error) {
-    case MILTER_ACTION_ACCEPT:
-        verdict_clear(&r->verdict);
-        break;
-    case MILTER_ACTION_REJECT:
-        verdict_setf(&r->verdict, VERDICT_REJECT, 550, "5.7.1", "Rejected by local policy");
-        break;
-    default:
-        verdict_setf(&r->verdict, VERDICT_TEMPFAIL, 451, "4.3.0",
-                     "Local policy temporarily unavailable, try again later");
-        break;
-    }
+    verdict_set_on_error(&r->verdict, c->set->on_error);
 }
 
 /* Records why the current handler fails (the first reason counts). */

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
 #include "util.h"
 
 #define VERDICT_ESC_MAX 16 /* "5.123.123" fits with room */
@@ -356,4 +357,20 @@ verdict_split_text(const char *s, const char *dflt, char *esc, size_t esc_size, 
         return "malformed enhanced status code";
     *text = s[n] == ' ' ? s + n + 1 : s + n;
     return NULL;
+}
+
+void
+verdict_set_on_error(struct verdict *v, int on_error)
+{
+    switch (on_error) {
+    case MILTER_ACTION_ACCEPT: /* the failed policy is ignored */
+        verdict_clear(v);
+        return;
+    case MILTER_ACTION_REJECT:
+        verdict_set(v, VERDICT_REJECT, &R_POLICY_REJECT);
+        return;
+    default: /* MILTER_ACTION_TEMPFAIL */
+        verdict_set(v, VERDICT_TEMPFAIL, &R_POLICY_TEMPFAIL);
+        return;
+    }
 }

@@ -77,6 +77,10 @@ const char *verdict_set_raw(struct verdict *v, const char *text, size_t len)
  * the reply is invalid (static text). */
 const char *verdict_split_text(const char *s, const char *dflt, char *esc, size_t esc_size,
                                const char **text) __attribute__((warn_unused_result));
+/* The verdict of a failed policy (Lua error, bad plugin answer) under
+ * lua.on_error (enum milter_action: accept, tempfail, reject): CONTINUE,
+ * R_POLICY_TEMPFAIL or R_POLICY_REJECT. */
+void verdict_set_on_error(struct verdict *v, int on_error);
 /* Deep copy; dst's previous contents are freed (dst may equal src). */
 void verdict_copy(struct verdict *dst, const struct verdict *src);
 /* Moves src into dst (dst's previous contents are freed); src becomes
