@@ -14,8 +14,10 @@ CONFIGS = sorted(glob.glob(os.path.join(SRC, "examples", "*.yaml"))) + [
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_config_passes_check_config(path):
+    # from the source tree, as the examples say: their relative paths
+    # (Lua scripts, users files) are relative to it
     r = subprocess.run([BIN, "check-config", "-c", path], capture_output=True, text=True,
-                       timeout=30)
+                       timeout=30, cwd=SRC)
     assert r.returncode == 0, f"{path}: {r.stdout}{r.stderr}"
     assert r.stdout == "ok\n"
 
