@@ -273,6 +273,8 @@ plua_push_conn(struct plua_call *c, lua_State *L, const struct plua_args *a) /* 
     plua_setstr(L, "local_ip", a->local_ip);
     plua_setstr(L, "listener", a->listener);
     plua_setstr(L, "helo", a->helo);
+    if (strcmp(c->hook, "auth") != 0) /* there, user is the one trying: an argument */
+        plua_setstr(L, "user", a->user); /* the authenticated user, or nil */
     plua_view_wrap(c, L, "petrel.conn", false);
 }
 

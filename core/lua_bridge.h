@@ -65,7 +65,8 @@ struct plua_failure { /* one failed recipient, for the bounce hook */
  *   xbind(conn, xbind_ip, xbind_hostname) · route(msg, rcpt) ·
  *   select_source(msg, destination) · retry(msg, rcpt, attempt, reply) ·
  *   bounce(msg, failures) · event(ev)
- * conn = {ip, port, local_ip, listener}; txn = {conn, from, params};
+ * conn = {ip, port, local_ip, listener, helo, user (after AUTH; not in the
+ * auth hook)}; txn = {conn, from, params};
  * msg = {id, from, size, age, headers = {{name, value}, …}} (age: seconds since
  * the message was queued) with msg:header(name)
  * and, in the data hook only, msg:add_header(name, value);

@@ -2166,14 +2166,14 @@ smtpd_auth_failed(struct smtpd_session *s, const struct reply *r, const char *wh
 }
 
 static void
-smtpd_auth_done(struct smtpd_session *s, int status, bool ok)
+smtpd_auth_done(struct smtpd_session *s, int status, bool ok, const char *why)
 {
     s->state = (enum smtpd_state)s->auth_return;
     if (status < 0) {
         smtpd_log_auth(s, "auth unavailable", "password check failed");
         smtpd_reply(s, &R_AUTH_TEMPFAIL);
     } else if (!ok) {
-        smtpd_auth_failed(s, &R_AUTH_FAILED, "wrong user name or password");
+        smtpd_auth_failed(s, &R_AUTH_FAILED, why);
     } else {
         s->authenticated = true;
         s->auth_mech = s->sasl.mech;
@@ -2195,7 +2195,7 @@ smtpd_on_auth_verify(struct auth_verify *v, int status, bool ok, void *arg)
     s->verify = NULL;
     s->blocked = false;
     s->refs--;
-    smtpd_auth_done(s, status, ok);
+    smtpd_auth_done(s, status, ok, "wrong user name or password");
     smtpd_process(s);
 }
 
@@ -2215,7 +2215,7 @@ smtpd_auth_check_file(struct smtpd_session *s)
     /* auth_verify copied the password: wipe ours now */
     explicit_bzero(s->sasl.password, sizeof(s->sasl.password));
     if (s->verify == NULL) {
-        smtpd_auth_done(s, -1, false); /* too many checks queued */
+        smtpd_auth_done(s, -1, false, NULL); /* too many checks queued */
         return;
     }
     s->blocked = true;
@@ -2229,7 +2229,7 @@ smtpd_on_hook_auth(struct hook_session *hs, bool has_answer, bool allow, void *a
     struct smtpd_session *s = arg;
     smtpd_hook_end(s);
     if (has_answer)
-        smtpd_auth_done(s, 0, allow);
+        smtpd_auth_done(s, 0, allow, "refused by the auth hook");
     else
         smtpd_auth_check_file(s);
     smtpd_hook_resume(s);

@@ -667,6 +667,13 @@ petrel.on("auth", function(conn, user, password)
   end
   return nil
 end)
+-- the authenticated user is in every later view: only alice may use the
+-- "alice-only" recipient
+petrel.on("rcpt_to", function(txn, rcpt)
+  if rcpt:match("^alice%%-only@") and txn.conn.user ~= "alice" then
+    return petrel.reject(550, "5.7.1 only alice, not " .. tostring(txn.conn.user))
+  end
+end)
 """ % LUA_PW
 
 
@@ -696,6 +703,8 @@ def test_lua_auth_hook_accepts_and_refuses(petrel, users_file, tmp_path):
             except AssertionError as e:
                 problems.append(f"{name}: {e}")
     assert not problems, "\n".join(problems)
+    # the log says who refused: the hook, not a wrong password
+    p.wait_log(r"auth failed: .*user=bob, mech=PLAIN, reason=refused by the auth hook")
     with RawSMTP(p.host, p.port) as c:
         c.ehlo()
         auth_plain(c, "lua", LUA_PW)
@@ -705,6 +714,19 @@ def test_lua_auth_hook_accepts_and_refuses(petrel, users_file, tmp_path):
     assert len(got) == 3, f"want 3 'auth: ... user=lua' lines, got {got}"
     p.wait_log(r"auth failed: .*user=bob, mech=PLAIN")
     assert_no_secret(p, LUA_PW, BOB_PW, WRONG_PW)
+
+
+def test_lua_views_carry_the_authenticated_user(petrel, users_file, tmp_path):
+    p = lua_daemon(petrel, users_file, tmp_path)
+    for user, pw, want in [(None, None, "550 5.7.1 only alice, not nil"),
+                           ("lua", LUA_PW, "550 5.7.1 only alice, not lua"),
+                           ("alice", ALICE_PW, "250 2.1.5")]:
+        with RawSMTP(p.host, p.port) as c:
+            c.ehlo()
+            if user:
+                auth_plain(c, user, pw)
+            c.expect(f"MAIL FROM:<{SENDER}>", "250 2.1.0")
+            c.expect("RCPT TO:<alice-only@local.test>", want)
 
 
 def test_lua_auth_hook_nil_falls_back_to_the_users_file(petrel, users_file, tmp_path):
