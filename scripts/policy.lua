@@ -19,7 +19,10 @@
 -- Objects passed to hooks (conn, txn, msg, reply, ev) are read-only views
 -- that expire when the hook returns: keep copies of values, not the objects.
 --
--- connect(conn)             conn.ip, conn.port, conn.local_ip, conn.listener
+-- connect(conn)             conn.ip, conn.port, conn.local_ip, conn.listener,
+--                           conn.helo (nil before HELO/EHLO), conn.user (nil
+--                           before AUTH); auth and xbind hooks: true allows,
+--                           false refuses, nil leaves it to the config
 -- petrel.on("connect", function(conn)
 --     if conn.ip:match("^192%.0%.2%.") then
 --         return petrel.reject(554, "5.7.1 Access denied")
