@@ -176,9 +176,9 @@ main_stop(struct main_daemon *d, const char *why)
 /* SIGHUP: reads the configuration again and swaps the Lua script in. If
  * either fails, the running configuration and script stay. Sessions in
  * progress are not touched (calls already running finish on the old
- * script). Only the lua section is applied; everything else (listeners,
- * spool, relay, delivery, milters, plugins …) is bound at start-up and
- * needs a restart, and the log line says so. */
+ * script). The lua section is applied and auth.users_file read again;
+ * everything else (listeners, spool, relay, delivery, milters, plugins …)
+ * is bound at start-up and needs a restart, and the log line says so. */
 static void
 main_reload(struct main_daemon *d)
 {
@@ -196,16 +196,35 @@ main_reload(struct main_daemon *d)
         return;
     }
     char *err = NULL;
+    struct auth_db *db = NULL;
+    if (cfg->auth.users_file != NULL) {
+        db = auth_db_load(cfg->auth.users_file, &err);
+        if (db == NULL) {
+            log_msg(LOG_ERR, NULL, "SIGHUP: reload failed, keeping the running configuration: "
+                                   "auth.users_file: %s",
+                    err ? err : "?");
+            free(err);
+            config_unref(cfg);
+            return;
+        }
+    }
     if (hooks_reload(d->hooks, cfg, &err) != 0) {
         log_msg(LOG_ERR, NULL, "SIGHUP: reload failed, keeping the running script: %s",
                 err ? err : "?");
         free(err);
+        auth_db_free(db);
         config_unref(cfg);
         return;
     }
-    log_msg(LOG_INFO, NULL, "SIGHUP: reloaded %s: lua section applied (script %s); changes to "
-                            "other sections take effect at restart",
-            cfg->file, cfg->lua.script ? cfg->lua.script : "none");
+    /* checks in progress copied the hash they need: the old file can go */
+    auth_db_free(d->auth_db);
+    d->auth_db = db;
+    smtpd_server_set_auth(d->srv, d->auth_db, d->auth_verifier, d->auth_limiter);
+    log_msg(LOG_INFO, NULL, "SIGHUP: reloaded %s: lua section applied (script %s), "
+                            "auth.users_file read again (%zu users); changes to other sections "
+                            "take effect at restart",
+            cfg->file, cfg->lua.script ? cfg->lua.script : "none",
+            d->auth_db ? auth_db_count(d->auth_db) : (size_t)0);
     config_unref(cfg);
 }
 

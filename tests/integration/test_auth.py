@@ -735,3 +735,35 @@ def test_lua_auth_hook_nil_falls_back_to_the_users_file(petrel, users_file, tmp_
         c.ehlo()
         auth_plain(c, "alice", WRONG_PW, AUTH_FAILED)
         auth_plain(c, "alice", ALICE_PW)
+
+
+# ---------------------------------------------------------------- SIGHUP
+
+
+def test_sighup_reads_the_users_file_again(petrel, users_file, tmp_path):
+    """A user added to auth.users_file can log in after `kill -HUP`; a broken
+    file is refused and the running one stays."""
+    import os
+    import signal
+    p = auth_daemon(petrel, users_file, config={"auth": {"allow_plaintext": True}},
+                    listener={"auth": "optional"})
+    carol = passwd("carol", "Car0l-Pa55")
+    assert carol.returncode == 0, carol.stderr
+    with RawSMTP(p.host, p.port) as c:
+        c.ehlo()
+        auth_plain(c, "carol", "Car0l-Pa55", AUTH_FAILED)  # not in the file yet
+    users_file.write_text(users_file.read_text() + carol.stdout)
+    os.kill(p.pid, signal.SIGHUP)
+    p.wait_log(r"SIGHUP: reloaded .*auth\.users_file read again \(3 users\)")
+    with RawSMTP(p.host, p.port) as c:
+        c.ehlo()
+        auth_plain(c, "carol", "Car0l-Pa55")
+    # a broken file: the reload fails as a whole, carol still gets in
+    good = users_file.read_text()
+    users_file.write_text(good + "broken line without a hash\n")
+    os.kill(p.pid, signal.SIGHUP)
+    p.wait_log(r"SIGHUP: reload failed, keeping the running configuration: auth\.users_file: "
+               r".*users:\d+:")
+    with RawSMTP(p.host, p.port) as c:
+        c.ehlo()
+        auth_plain(c, "carol", "Car0l-Pa55")
