@@ -53,7 +53,9 @@
 #include "util.h"
 
 #define DNS_DEFAULT_TIMEOUT_MS 5000
-#define DNS_NO_HOST SIZE_MAX /* dns_sub.host of the MX sub-query */
+#define DNS_NO_HOST SIZE_MAX /* dns_sub.host of the MX (or TXT) sub-query */
+#define DNS_SUB_TXT (-1)     /* dns_sub.family of a TXT sub-query */
+#define DNS_TXT_MAX_LEN 4096 /* longer TXT records are skipped */
 
 enum dns_qstate {
     DNS_Q_PENDING,    /* in d->pending, waiting for answers or its deadline */
@@ -79,13 +81,16 @@ struct dns_query {
     bool insecure;                    /* an answer was not DNSSEC-validated */
     enum dns_status status;           /* once done */
     const char *detail;               /* static text or NULL */
+    dns_txt_cb *txt_cb;               /* a TXT query (then cb is NULL) */
+    char **txt;                       /* owned: TXT records, once done */
+    size_t ntxt;
 };
 
 struct dns_sub {
     struct dns *d;               /* borrowed */
     struct dns_query *q;         /* borrowed; NULL once orphaned */
     size_t host;                 /* index in q->res.hosts, DNS_NO_HOST for MX */
-    int family;                  /* AF_INET (A) or AF_INET6 (AAAA); 0 for MX */
+    int family;                  /* AF_INET (A) or AF_INET6 (AAAA); 0 for MX, DNS_SUB_TXT */
     int async_id;                /* libunbound's id for ub_cancel() */
     struct dns_sub *prev, *next; /* in q->subs or d->orphans */
 };
@@ -141,6 +146,45 @@ dns_valid_name(const char *name)
     /* An all-numeric last label is an address written as a name ("192.0.2.1",
      * "127.1"), never a host name (RFC 1123 2.1, RFC 3696 2). */
     return !label_digits;
+}
+
+enum dns_answer_kind
+dns_txt_parse(const struct dns_answer *a, char ***txt, size_t *ntxt)
+{
+    *txt = NULL;
+    *ntxt = 0;
+    const char *why;
+    enum dns_answer_kind kind = dns_answer_classify(a, &why);
+    if (kind != DNS_ANSWER_DATA)
+        return kind;
+    for (size_t i = 0; i < a->ndata && *ntxt < DNS_MAX_TXT; i++) {
+        const uint8_t *p = a->data[i];
+        size_t len = a->len[i];
+        if (len > DNS_TXT_MAX_LEN)
+            continue;
+        char *out = xmalloc(len + 1);
+        size_t n = 0;
+        bool ok = true;
+        for (size_t off = 0; off < len && ok;) {
+            size_t sl = p[off];
+            if (off + 1 + sl > len || memchr(p + off + 1, '\0', sl) != NULL) {
+                ok = false;
+                break;
+            }
+            memcpy(out + n, p + off + 1, sl);
+            n += sl;
+            off += 1 + sl;
+        }
+        if (!ok || len == 0) {
+            free(out);
+            continue;
+        }
+        out[n] = '\0';
+        if (*txt == NULL)
+            *txt = xcalloc(DNS_MAX_TXT, sizeof(**txt));
+        (*txt)[(*ntxt)++] = out;
+    }
+    return kind;
 }
 
 enum dns_answer_kind
@@ -428,6 +472,9 @@ dns_query_free(struct dns_query *q)
 {
     dns_result_reset(&q->res);
     free(q->kinds);
+    for (size_t i = 0; i < q->ntxt; i++)
+        free(q->txt[i]);
+    free(q->txt);
     free(q);
 }
 
@@ -467,9 +514,10 @@ dns_sub_start(struct dns_query *q, size_t host, int family, const char **detail)
     s->host = host;
     s->family = family;
     const char *name = host == DNS_NO_HOST ? q->name : q->res.hosts[host].name;
-    int type = family == 0         ? LDNS_RR_TYPE_MX
-               : family == AF_INET ? LDNS_RR_TYPE_A
-                                   : LDNS_RR_TYPE_AAAA;
+    int type = family == 0             ? LDNS_RR_TYPE_MX
+               : family == DNS_SUB_TXT ? LDNS_RR_TYPE_TXT
+               : family == AF_INET     ? LDNS_RR_TYPE_A
+                                       : LDNS_RR_TYPE_AAAA;
     dns_sub_push(&q->subs, s);
     q->outstanding++;
     int r = ub_resolve_async(d->ub, name, type, LDNS_RR_CLASS_IN, s, dns_on_ub, &s->async_id);
@@ -581,7 +629,23 @@ dns_on_ub(void *arg, int err, struct ub_result *r)
     dns_answer_from_ub(&a, err, r, &lens);
     if (!a.secure)
         q->insecure = true;
-    if (s->host == DNS_NO_HOST) {
+    if (s->family == DNS_SUB_TXT) {
+        switch (dns_txt_parse(&a, &q->txt, &q->ntxt)) {
+        case DNS_ANSWER_DATA:
+        case DNS_ANSWER_NODATA:
+            dns_query_finish(q, DNS_OK, NULL);
+            break;
+        case DNS_ANSWER_NXDOMAIN:
+            dns_query_finish(q, DNS_NXDOMAIN, NULL);
+            break;
+        case DNS_ANSWER_TEMPFAIL: {
+            const char *why;
+            (void)dns_answer_classify(&a, &why);
+            dns_query_finish(q, DNS_TEMPFAIL, why);
+            break;
+        }
+        }
+    } else if (s->host == DNS_NO_HOST) {
         dns_on_mx_answer(q, &a);
     } else {
         const char *why;
@@ -653,6 +717,11 @@ dns_on_idle(uv_idle_t *h)
         struct dns_query *q = d->done;
         dns_list_remove(&d->done, &d->done_tail, q);
         q->state = DNS_Q_DELIVERING;
+        if (q->txt_cb != NULL) {
+            q->txt_cb(q, q->status, (const char *const *)q->txt, q->ntxt, q->detail, q->arg);
+            dns_query_free(q);
+            continue;
+        }
         bool with_res = q->status == DNS_OK || (q->status == DNS_NO_ADDRESS && q->res.mx);
         q->cb(q, q->status, with_res ? &q->res : NULL, q->detail, q->arg);
         dns_query_free(q);
@@ -866,6 +935,20 @@ dns_resolve_mx(struct dns *d, const char *domain, dns_result_cb *cb, void *arg)
     if (!valid)
         dns_query_finish(q, DNS_NXDOMAIN, "invalid domain name");
     else if (!dns_sub_start(q, DNS_NO_HOST, 0, &why))
+        dns_query_finish(q, DNS_TEMPFAIL, why);
+    return q;
+}
+
+struct dns_query *
+dns_resolve_txt(struct dns *d, const char *name, dns_txt_cb *cb, void *arg)
+{
+    bool valid;
+    struct dns_query *q = dns_query_new(d, name, NULL, arg, &valid);
+    q->txt_cb = cb;
+    const char *why;
+    if (!valid)
+        dns_query_finish(q, DNS_NXDOMAIN, "invalid domain name");
+    else if (!dns_sub_start(q, DNS_NO_HOST, DNS_SUB_TXT, &why))
         dns_query_finish(q, DNS_TEMPFAIL, why);
     return q;
 }

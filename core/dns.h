@@ -101,6 +101,16 @@ struct dns_query *dns_resolve_mx(struct dns *d, const char *domain, dns_result_c
  * IPv4/IPv6 literal completes with that address without a lookup. Both
  * lookups NXDOMAIN → DNS_NXDOMAIN; no address otherwise → DNS_NO_ADDRESS. */
 struct dns_query *dns_resolve_host(struct dns *d, const char *host, dns_result_cb *cb, void *arg);
+/* TXT records of name (MTA-STS discovery, RFC 8461 3.1). Fires cb with
+ * DNS_OK and the records (each record's strings concatenated, NUL-
+ * terminated; ntxt 0 when the name has no TXT record), DNS_NXDOMAIN, or
+ * DNS_TEMPFAIL. txt is borrowed for the call. At most DNS_MAX_TXT records
+ * are kept, records over 4 KiB are skipped. Never returns NULL; the
+ * callback never runs inside this call. */
+#define DNS_MAX_TXT 16
+typedef void dns_txt_cb(struct dns_query *q, enum dns_status status, const char *const *txt,
+                        size_t ntxt, const char *detail, void *arg);
+struct dns_query *dns_resolve_txt(struct dns *d, const char *name, dns_txt_cb *cb, void *arg);
 /* The callback will not fire; q is invalid afterwards. A no-op for NULL and
  * for the query whose callback is running. */
 void dns_cancel(struct dns_query *q);
@@ -184,6 +194,12 @@ void dns_host_add_addrs(struct dns_host *h, int family, const struct dns_answer 
  * must say whether the hosts are MX exchangers. */
 enum dns_status dns_result_finish(struct dns_result *res, const enum dns_answer_kind (*kinds)[2],
                                   const char **detail);
+
+/* The TXT records of an answer (RFC 1035 3.3.14: each record's
+ * character-strings concatenated) into txt (owned by the caller: free each
+ * and the array), at most DNS_MAX_TXT, skipping records that are malformed,
+ * hold a NUL or are longer than 4 KiB. Returns the kind of the answer. */
+enum dns_answer_kind dns_txt_parse(const struct dns_answer *a, char ***txt, size_t *ntxt);
 
 /* True if name is a syntactically valid host/domain name (LDH labels plus
  * '_', 1..63 octets each, at most 253 in all, an optional trailing dot)

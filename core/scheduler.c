@@ -1828,6 +1828,11 @@ sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n
         .ndns_resolvers = cfg->dns.resolvers.n,
         .dns_timeout_ms = cfg->dns.timeout_ms,
         .dane_domain = ss->dest->route.kind == ROUTE_MX ? ss->dest->route.host : NULL,
+        /* MTA-STS (RFC 8461) applies to MX routes only */
+        .mta_sts_domain = cfg->delivery.mta_sts && ss->dest->route.kind == ROUTE_MX
+                              ? ss->dest->route.host
+                              : NULL,
+        .dns = s->dns,
     };
     ss->c = smtpc_start(s->loop, t, n, &o, sched_on_smtpc, ss);
 }

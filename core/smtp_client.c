@@ -38,6 +38,14 @@
  * context the handshake uses (tls_client_dane: OpenSSL's DANE checks);
  * smtpc_on_tls fails the target when a DANE handshake did not verify.
  *
+ * MTA-STS (RFC 8461): smtpc_start starts the policy lookup (mta_sts.h) of
+ * opts.mta_sts_domain once per session; smtpc_greeted waits for it in
+ * ST_STS if needed. Under an enforced policy (and no DANE-secured target:
+ * DANE takes precedence, RFC 8461 2) an MX host the policy does not list
+ * fails, STARTTLS is mandatory and smtpc_on_tls fails a target whose
+ * certificate did not verify for its name; in testing mode those failures
+ * are only logged (mta_sts=testing (would fail: ...)).
+ *
  * Owns: its conn, the copy of the targets, the per-recipient results. The
  * message is borrowed from smtpc_send until DONE. Knows nothing of spool,
  * DNS or scheduling.
@@ -57,6 +65,7 @@
 #include "conn.h"
 #include "dane.h"
 #include "log.h"
+#include "mta_sts.h"
 #include "reply.h"
 #include "smtp_parse.h"
 #include "tls.h"
@@ -81,6 +90,7 @@ enum smtpc_state {
     ST_STARTTLS,   /* STARTTLS sent */
     ST_TLS,        /* TLS handshake (conn_start_tls); EHLO follows */
     ST_DANE,       /* greeted; waiting for the target's DANE lookup */
+    ST_STS,        /* greeted; waiting for the session's MTA-STS policy */
     ST_READY,      /* idle between transactions */
     ST_DONE,       /* inside the DONE callback of a clean transaction */
     ST_LOCAL_DONE, /* transaction refused locally (SIZE, SMTPUTF8): DONE via conn_defer */
@@ -174,6 +184,12 @@ struct smtpc {
     char dane_detail[192];
     struct tls_ctx *dane_tls;   /* owned reference: DANE_SECURE's context, or NULL */
     char dane_tls_err[160];     /* why dane_tls could not be made */
+    /* MTA-STS (opts.mta_sts_domain) */
+    char sts_domain[256];          /* "" when MTA-STS is off */
+    struct mta_sts_lookup *sts_q;  /* owned while in flight */
+    bool sts_done;                 /* sts holds */
+    struct mta_sts_result sts;
+    char sts_would_fail[192];      /* testing mode: what failed on this target */
 };
 
 static void smtpc_enter(struct smtpc *c, enum smtpc_state state);
@@ -491,6 +507,8 @@ smtpc_phase(const struct smtpc *c)
         return "performing the TLS handshake";
     case ST_DANE:
         return "looking up TLSA records";
+    case ST_STS:
+        return "looking up the MTA-STS policy";
     case ST_READY:
     case ST_DONE:
     case ST_LOCAL_DONE:
@@ -545,6 +563,7 @@ smtpc_enter(struct smtpc *c, enum smtpc_state state)
         break;
     case ST_TLS:
     case ST_DANE:
+    case ST_STS:
         conn_set_timeout(c->conn, c->opts.command_timeout_ms);
         return;
     case ST_READY:
@@ -663,6 +682,7 @@ smtpc_session_failed(struct smtpc *c, const struct smtpc_reply *r)
     case ST_STARTTLS:
     case ST_TLS:
     case ST_DANE:
+    case ST_STS:
         smtpc_target_failed(c, r, false);
         return;
     case ST_CLOSING:
@@ -927,15 +947,46 @@ smtpc_dane_known(const struct smtpc *c, enum dane_status *st)
     return true;
 }
 
-/* TLS is mandatory: `required`, or TLSA records (RFC 7672 2.2: usable or not). */
+/* The MTA-STS mode for the target in use: NONE without a policy, before
+ * it is known, and when DANE secures the target (RFC 8461 2). */
+static enum mta_sts_mode
+smtpc_sts_mode(const struct smtpc *c)
+{
+    if (c->opts.lmtp || !c->sts_done || c->sts.status != MTA_STS_POLICY)
+        return MTA_STS_MODE_NONE;
+    enum dane_status st;
+    if (smtpc_dane_known(c, &st) && (st == DANE_SECURE || st == DANE_UNUSABLE))
+        return MTA_STS_MODE_NONE;
+    return c->sts.policy.mode;
+}
+
+/* Testing mode: remember (for the log) what an enforced policy would fail. */
+static void
+smtpc_sts_would_fail(struct smtpc *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+smtpc_sts_would_fail(struct smtpc *c, const char *fmt, ...)
+{
+    if (c->sts_would_fail[0] != '\0')
+        return; /* the first failure */
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->sts_would_fail, sizeof(c->sts_would_fail), fmt, ap);
+    va_end(ap);
+}
+
+/* TLS is mandatory: `required`, TLSA records (RFC 7672 2.2: usable or
+ * not), or an enforced MTA-STS policy (RFC 8461 4.2). */
 static bool
 smtpc_tls_required(const struct smtpc *c)
 {
     if (c->opts.lmtp)
         return false;
     enum dane_status st;
-    if (smtpc_dane_known(c, &st))
-        return st == DANE_SECURE || st == DANE_UNUSABLE;
+    if (smtpc_dane_known(c, &st) && (st == DANE_SECURE || st == DANE_UNUSABLE))
+        return true;
+    if (smtpc_sts_mode(c) == MTA_STS_MODE_ENFORCE)
+        return true;
     return c->opts.tls == DELIVERY_TLS_REQUIRED;
 }
 
@@ -951,6 +1002,11 @@ smtpc_dane_secure(const struct smtpc *c)
 static const char *
 smtpc_tls_required_text(const struct smtpc *c)
 {
+    enum dane_status st;
+    if (smtpc_dane_known(c, &st) && (st == DANE_SECURE || st == DANE_UNUSABLE))
+        return "TLS required by DANE";
+    if (smtpc_sts_mode(c) == MTA_STS_MODE_ENFORCE)
+        return "TLS required by MTA-STS";
     return c->opts.tls == DELIVERY_TLS_DANE ? "TLS required by DANE" : "TLS required";
 }
 
@@ -1067,6 +1123,22 @@ smtpc_dane_begin(struct smtpc *c)
                                   t->host, port, family, smtpc_on_dane, c);
 }
 
+static void smtpc_greeted(struct smtpc *c);
+
+/* The session's MTA-STS policy lookup ended. */
+static void
+smtpc_on_sts(struct mta_sts_lookup *l, const struct mta_sts_result *res, void *arg)
+{
+    struct smtpc *c = arg;
+    if (l != c->sts_q)
+        PANIC("smtpc: an MTA-STS result for a lookup that is not ours");
+    c->sts_q = NULL;
+    c->sts_done = true;
+    c->sts = *res;
+    if (c->state == ST_STS)
+        smtpc_greeted(c);
+}
+
 /* The handshake started after STARTTLS's 220 ended. */
 static void
 smtpc_on_tls(struct conn *cn, int status, void *arg)
@@ -1093,6 +1165,17 @@ smtpc_on_tls(struct conn *cn, int status, void *arg)
         smtpc_target_failed(c, &r, true);
         return;
     }
+    if (!c->tls_info.verified && smtpc_sts_mode(c) == MTA_STS_MODE_ENFORCE) {
+        /* RFC 8461 4.2: the certificate must be valid for the MX host name */
+        struct smtpc_reply r;
+        smtpc_synth(&r, 451, "4.7.5", DELIV_SCOPE_CONN,
+                    "MTA-STS certificate verification failed for %s: %s", c->relay,
+                    c->tls_info.verify);
+        smtpc_target_failed(c, &r, true);
+        return;
+    }
+    if (!c->tls_info.verified && smtpc_sts_mode(c) == MTA_STS_MODE_TESTING)
+        smtpc_sts_would_fail(c, "certificate: %s", c->tls_info.verify);
     /* RFC 3207 4.2: forget the extensions; ask again under TLS */
     memset(&c->ext, 0, sizeof(c->ext));
     c->esmtp = false;
@@ -1135,6 +1218,8 @@ smtpc_on_starttls_reply(struct smtpc *c, const struct smtpc_reply *r)
         smtpc_target_failed(c, &f, true);
         return;
     }
+    if (smtpc_sts_mode(c) == MTA_STS_MODE_TESTING)
+        smtpc_sts_would_fail(c, "STARTTLS refused");
     struct log_line ll;
     log_begin(&ll, LOG_INFO, smtpc_log_key(c));
     log_event(&ll, "starttls refused");
@@ -1170,7 +1255,28 @@ smtpc_greeted(struct smtpc *c)
             return;
         }
     }
-    bool want = !c->opts.lmtp && c->opts.tls != DELIVERY_TLS_NONE && !c->tls_on;
+    if (c->sts_domain[0] != '\0' && tcp && !c->tls_on) {
+        if (!c->sts_done) {
+            smtpc_enter(c, ST_STS); /* smtpc_on_sts comes back here */
+            return;
+        }
+        enum mta_sts_mode mode = smtpc_sts_mode(c);
+        if (mode != MTA_STS_MODE_NONE && !mta_sts_policy_match(&c->sts.policy, tg->host)) {
+            if (mode == MTA_STS_MODE_ENFORCE) { /* RFC 8461 4.1 */
+                struct smtpc_reply f;
+                smtpc_synth(&f, 451, "4.7.5", DELIV_SCOPE_CONN,
+                            "MTA-STS policy of %s does not list MX %s", c->sts_domain,
+                            c->relay);
+                smtpc_target_failed(c, &f, true);
+                return;
+            }
+            smtpc_sts_would_fail(c, "MX %s not listed in the policy", tg->host);
+        }
+        if (mode == MTA_STS_MODE_TESTING && !c->ext.starttls)
+            smtpc_sts_would_fail(c, "STARTTLS not offered");
+    }
+    bool want = !c->opts.lmtp && !c->tls_on &&
+                (c->opts.tls != DELIVERY_TLS_NONE || smtpc_sts_mode(c) == MTA_STS_MODE_ENFORCE);
     if (want && c->ext.starttls) {
         char why[160] = "";
         if (smtpc_tls_ctx(c, why, sizeof(why)) != NULL) {
@@ -1267,6 +1373,7 @@ smtpc_on_reply(struct smtpc *c, const struct smtpc_reply *r)
     case ST_CONNECTING:
     case ST_TLS:
     case ST_DANE:
+    case ST_STS:
     case ST_DONE:
     case ST_LOCAL_DONE:
     case ST_CONTENT:
@@ -1459,6 +1566,7 @@ smtpc_on_closed(struct smtpc *c)
     }
     smtpc_emit(c, SMTPC_EV_CLOSED);
     smtpc_dane_reset(c);
+    mta_sts_lookup_cancel(c->sts_q);
     buf_reset(&c->rx_lines);
     buf_reset(&c->cmd);
     free(c->rcpts);
@@ -1559,6 +1667,7 @@ smtpc_connect(struct smtpc *c)
     c->esmtp = false;
     c->tls_on = false;
     memset(&c->tls_info, 0, sizeof(c->tls_info));
+    c->sts_would_fail[0] = '\0';
     c->local_ip[0] = '\0';
     c->rx_code = 0;
     buf_clear(&c->rx_lines);
@@ -1635,6 +1744,13 @@ smtpc_start(struct uv_loop_s *loop, const struct smtpc_target *targets, size_t n
     c->opts.dns_resolvers = NULL; /* read above only */
     c->opts.ndns_resolvers = 0;
     c->opts.dane_domain = NULL;
+    if (!c->opts.lmtp && opts->mta_sts_domain != NULL && opts->dns != NULL &&
+        str_copy(c->sts_domain, sizeof(c->sts_domain), opts->mta_sts_domain))
+        c->sts_q = mta_sts_lookup_start(loop, opts->dns, c->sts_domain, opts->mta_sts_timeout_ms,
+                                        smtpc_on_sts, c);
+    else
+        c->sts_domain[0] = '\0';
+    c->opts.mta_sts_domain = NULL;
     c->cb = cb;
     c->arg = arg;
     buf_init(&c->rx_lines);
@@ -1725,6 +1841,29 @@ smtpc_tls(const struct smtpc *c)
     return c->tls_on ? &c->tls_info : NULL;
 }
 
+/* mta_sts= of the target in use, once the policy is known. */
+static void
+smtpc_log_sts(const struct smtpc *c, struct log_line *ll)
+{
+    if (c->sts_domain[0] == '\0' || !c->sts_done)
+        return;
+    enum dane_status st;
+    if (c->sts.status == MTA_STS_NO_POLICY) {
+        log_kv(ll, "mta_sts", "none (%s)", c->sts.detail);
+    } else if (c->sts.status == MTA_STS_FETCH_FAILED) {
+        log_kv(ll, "mta_sts", "fetch-failed (%s)", c->sts.detail);
+    } else if (smtpc_dane_known(c, &st) && (st == DANE_SECURE || st == DANE_UNUSABLE)) {
+        log_kv(ll, "mta_sts", "none (DANE applies; policy mode %s)",
+               mta_sts_mode_name(c->sts.policy.mode));
+    } else if (c->sts.policy.mode == MTA_STS_MODE_NONE) {
+        log_kv(ll, "mta_sts", "none (policy mode none, id %s)", c->sts.id);
+    } else if (c->sts.policy.mode == MTA_STS_MODE_TESTING && c->sts_would_fail[0] != '\0') {
+        log_kv(ll, "mta_sts", "testing (would fail: %s)", c->sts_would_fail);
+    } else {
+        log_kv(ll, "mta_sts", "%s (id %s)", mta_sts_mode_name(c->sts.policy.mode), c->sts.id);
+    }
+}
+
 void
 smtpc_log_tls(const struct smtpc *c, struct log_line *ll)
 {
@@ -1738,6 +1877,7 @@ smtpc_log_tls(const struct smtpc *c, struct log_line *ll)
             log_kv(ll, "verify", "fail (%s)", i->verify);
         log_kv(ll, "resumed", "%s", i->resumed ? "yes" : "no");
     }
+    smtpc_log_sts(c, ll);
     enum dane_status st;
     if (!smtpc_dane_known(c, &st))
         return;

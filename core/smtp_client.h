@@ -38,6 +38,9 @@
  *   451 4.7.4 TLS required by DANE but not offered by RELAY (and "... STARTTLS refused")
  *   451 4.7.5 DANE verification failed for RELAY: <reason>
  *   451 4.4.3 DANE TLSA lookup for RELAY failed: <detail>
+ *   451 4.7.5 MTA-STS policy of DOMAIN does not list MX RELAY
+ *   451 4.7.4 TLS required by MTA-STS but not offered by RELAY (and "... STARTTLS refused")
+ *   451 4.7.5 MTA-STS certificate verification failed for RELAY: <reason>
  *   552 5.3.4 message size N exceeds size limit M of RELAY
  *   553 5.6.7 SMTPUTF8 is required, but was not offered by RELAY
  * Protocol errors (garbage, over-long lines or replies) are temporary: the
@@ -59,6 +62,7 @@ struct smtpc;
 struct tls_ctx;
 struct conn_tls_info;
 struct log_line;
+struct dns;
 
 struct smtpc_target {
     char host[256];                 /* for logs and Remote-MTA: "mx1.example.org" */
@@ -94,7 +98,26 @@ struct smtpc_options {
     const char *dane_domain;        /* copied: the next-hop domain whose MX records gave
                                      * the targets (its MX RRset must be validated too);
                                      * NULL for a host route ("[host]") */
+    /* MTA-STS (RFC 8461): see "MTA-STS" below. */
+    const char *mta_sts_domain;     /* read during smtpc_start: the MX route's domain
+                                     * whose policy applies; NULL: MTA-STS off */
+    struct dns *dns;                /* borrowed for the session's life: policy lookups */
+    uint64_t mta_sts_timeout_ms;    /* bound of a policy fetch; 0 → 10 s */
 };
+
+/* MTA-STS (opts.mta_sts_domain and opts.dns set; not LMTP). smtpc_start
+ * looks up the domain's policy (mta_sts.h); the EHLO reply of each TCP
+ * target waits for it. Under an enforced policy, unless the target is
+ * DANE-secured (DANE applies instead, RFC 8461 2):
+ *   - a target whose host no mx pattern lists fails:
+ *     "451 4.7.5 MTA-STS policy of DOMAIN does not list MX RELAY";
+ *   - STARTTLS is mandatory ("451 4.7.4 TLS required by MTA-STS but not
+ *     offered by RELAY", "... STARTTLS refused ...");
+ *   - the certificate must verify (PKIX, the target host's name):
+ *     "451 4.7.5 MTA-STS certificate verification failed for RELAY: <reason>".
+ * In testing mode nothing changes but the first such failure is logged;
+ * without a policy, with mode none or after a failed fetch, nothing
+ * changes. Log lines carry mta_sts= (smtpc_log_tls). */
 
 /* DANE (opts.tls = dane). Before the EHLO reply of each TCP target is
  * acted on, dane.h looks up (in parallel with the connect) the TLSA
@@ -211,7 +234,10 @@ const struct conn_tls_info *smtpc_tls(const struct smtpc *c);
  * verify=ok | fail (reason), resumed=yes|no) to ll, nothing of that in
  * plaintext; and under DANE, once the target's lookup is done, dane=
  * verified | failed (reason) | secure (detail: before the handshake) |
- * unusable (detail) | none (detail) | insecure (detail) | tempfail (detail). */
+ * unusable (detail) | none (detail) | insecure (detail) | tempfail (detail);
+ * with MTA-STS, once the policy is known, mta_sts= enforce (id ID) |
+ * testing (id ID) | testing (would fail: reason) | none (detail) |
+ * fetch-failed (detail). */
 void smtpc_log_tls(const struct smtpc *c, struct log_line *ll);
 /* Whether the server advertised DSN (then it reports success itself). */
 bool smtpc_server_has_dsn(const struct smtpc *c);

@@ -369,6 +369,15 @@ dns_resolve_host(struct dns *d, const char *host, dns_result_cb *cb, void *arg)
     return fake_dns_start(d, host, false, cb, arg);
 }
 
+struct dns_query *
+dns_resolve_txt(struct dns *d, const char *name, dns_txt_cb *cb, void *arg)
+{
+    (void)d;
+    (void)cb;
+    (void)arg;
+    PANIC("fake_dns: TXT lookups (%s) are not faked", name);
+}
+
 void
 dns_cancel(struct dns_query *q)
 {
