@@ -265,14 +265,24 @@ tls_server_new(const struct petrel_config *cfg, char **err)
 
 /* ---- client -------------------------------------------------------------- */
 
+/* The newest (newest: true) or the oldest session cached under key, or
+ * NULL; *count gets how many there are (may be NULL). */
 static struct tls_cache_entry *
-tls_cache_find(struct tls_ctx *t, const char *key)
+tls_cache_find(struct tls_ctx *t, const char *key, bool newest, size_t *count)
 {
+    struct tls_cache_entry *found = NULL;
+    size_t n = 0;
     for (size_t i = 0; i < t->ncache; i++) {
-        if (strcmp(t->cache[i].key, key) == 0)
-            return &t->cache[i];
+        struct tls_cache_entry *e = &t->cache[i];
+        if (strcmp(e->key, key) != 0)
+            continue;
+        n++;
+        if (found == NULL || (newest ? e->stamp > found->stamp : e->stamp < found->stamp))
+            found = e;
     }
-    return NULL;
+    if (count != NULL)
+        *count = n;
+    return found;
 }
 
 static void
@@ -284,8 +294,12 @@ tls_cache_drop(struct tls_ctx *t, struct tls_cache_entry *e)
 }
 
 /* A new session (TLS 1.2 after the handshake, TLS 1.3 with each ticket):
- * kept under the connection's key, replacing an older one. Returns 1: the
- * cache keeps the reference OpenSSL gave us. */
+ * kept under the connection's key. TLS 1.3 tickets are single-use, so up
+ * to TLS_CLIENT_TICKETS_PER_DEST of them are kept per destination (servers
+ * send two per handshake by default): connections opened together to one
+ * MX can each resume; beyond that the oldest is replaced. A TLS 1.2 session
+ * replaces the one before. Returns 1: the cache keeps the reference OpenSSL
+ * gave us. */
 static int
 tls_on_new_session(SSL *ssl, SSL_SESSION *sess)
 {
@@ -293,9 +307,11 @@ tls_on_new_session(SSL *ssl, SSL_SESSION *sess)
     const char *key = SSL_get_ex_data(ssl, tls_key_index);
     if (t == NULL || key == NULL || !SSL_SESSION_is_resumable(sess))
         return 0;
-    struct tls_cache_entry *e = tls_cache_find(t, key);
-    if (e != NULL) {
-        SSL_SESSION_free(e->sess);
+    size_t have = 0;
+    struct tls_cache_entry *e = tls_cache_find(t, key, false, &have);
+    bool ticket = SSL_SESSION_get_protocol_version(sess) >= TLS1_3_VERSION;
+    if (e != NULL && (!ticket || have >= TLS_CLIENT_TICKETS_PER_DEST)) {
+        SSL_SESSION_free(e->sess); /* replace the oldest of this destination */
     } else {
         if (t->ncache == TLS_CLIENT_CACHE_MAX) {
             struct tls_cache_entry *old = &t->cache[0];
@@ -444,7 +460,7 @@ tls_ssl_new(struct tls_ctx *t, const char *name, const char *cache_key, char *er
             free(key);
             ERR_clear_error();
         }
-        struct tls_cache_entry *e = tls_cache_find(t, cache_key);
+        struct tls_cache_entry *e = tls_cache_find(t, cache_key, true, NULL);
         if (e != NULL) {
             if (SSL_set_session(ssl, e->sess) != 1)
                 ERR_clear_error();

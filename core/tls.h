@@ -33,6 +33,8 @@ struct tls_ctx *tls_server_new(const struct petrel_config *cfg, char **err)
  * least recently stored dropped first; a TLS 1.3 ticket is used once).
  * Returns a context (one reference), or NULL and *err (owned). */
 #define TLS_CLIENT_CACHE_MAX 1024
+/* TLS 1.3 tickets kept per destination (each is used once). */
+#define TLS_CLIENT_TICKETS_PER_DEST 4
 struct tls_ctx *tls_client_new(char **err) __attribute__((warn_unused_result));
 
 /* The process's shared delivery client context, made on first use (NULL if
