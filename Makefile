@@ -14,6 +14,9 @@ DEB_PKGS := build-essential cmake pkg-config clang libclang-rt-14-dev \
 	opendkim opendkim-tools python3-dkim python3-dnspython
 # Extra packages for `make bench` (Postfix gives smtp-source / smtp-sink).
 BENCH_PKGS := postfix time procps
+# `make bench` runs every scenario (~20 min); BENCH_MODE=receive, relay, milter,
+# hooks or tls runs one (bench/README.md lists every BENCH_* knob).
+BENCH_MODE ?= all
 
 .PHONY: all deps bench-deps build run test test-build fuzz bench clean
 
@@ -49,7 +52,7 @@ fuzz: test-build
 	cd $(TEST_BUILD) && FUZZ_SECONDS=$${FUZZ_SECONDS:-300} ctest --output-on-failure -L fuzz
 
 bench: bench-deps
-	bash bench/run.sh
+	BENCH_MODE=$(BENCH_MODE) bash bench/run.sh
 
 clean:
 	rm -rf $(BUILD) $(TEST_BUILD) build-bench

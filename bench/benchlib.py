@@ -18,8 +18,16 @@
   benchlib.py tarpit PORT MAXSECS
                                  listen on 127.0.0.1:PORT, accept connections and
                                  never answer (parks a relay's outbound deliveries)
+  benchlib.py check-sink PORT OUT MAXSECS
+                                 a recording SMTP server on 127.0.0.1:PORT (one JSON line
+                                 per message in OUT: client address, EHLO, envelope,
+                                 headers) for the hooks scenario's spot checks
+  benchlib.py hooks-check PORT CHECKOUT MODE MACHINE_IP MAXSECS
+                                 the hooks scenario's spot checks against petrel on PORT
+                                 (MODE none, lua or plugin; see cmd_hooks_check)
   benchlib.py sinkcount FILE     "MESSAGES SESSIONS" received so far by `smtp-sink -c`
                                  whose stdout is FILE (its last complete record; 0 0 if none)
+  benchlib.py tlssinkcount FILE  "HANDSHAKES RESUMED" counted by bench/tls_sink (COUNTFILE)
   benchlib.py relay-watch SINKOUT TARGET MAXSECS KIND PID SINKPID OUT
                                  write "ready" to OUT.ready, then poll SINKOUT every 10 ms
                                  until the sink's message count reaches TARGET; at that
@@ -44,6 +52,7 @@ import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_RE = re.compile(rb"sess=([0-9]+) quit=[0-9]+ mesg=([0-9]+)$")
+TLS_SINK_RE = re.compile(rb"tls=([0-9]+) resumed=([0-9]+) sess=")
 
 
 def read_stat(pid):
@@ -158,6 +167,24 @@ def cmd_sinkcount(path):
     print("%d %d" % sink_counts(path))
 
 
+def cmd_tlssinkcount(path):
+    """Handshakes and resumed handshakes counted by bench/tls_sink (its last
+    complete record; 0 0 if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 512))
+            tail = f.read()
+    except OSError:
+        tail = b""
+    for rec in reversed(tail.split(b"\r")[:-1]):
+        m = TLS_SINK_RE.search(rec)
+        if m:
+            print(f"{int(m.group(1))} {int(m.group(2))}")
+            return
+    print("0 0")
+
+
 def cmd_relay_watch(sinkout, target, maxsecs, kind, pid, sinkpid, out):
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -240,6 +267,185 @@ def cmd_pss_sample(root, out, interval, maxsecs):
                 f.write(f"{peak} {peak_n} {samples}\n")
     with open(out, "w") as f:
         f.write(f"{peak} {peak_n} {samples}\n")
+
+
+def cmd_check_sink(port, out, maxsecs):
+    """A minimal recording SMTP server for the hooks scenario's spot checks:
+    one JSON line per message in OUT (client address, EHLO name, envelope,
+    header section). Plain SMTP, one thread per connection, a few messages
+    per run: it records, it is not measured."""
+    import socketserver
+    import threading
+    lock = threading.Lock()
+
+    class Handler(socketserver.StreamRequestHandler):
+        timeout = 30
+
+        def handle(self):
+            peer = self.client_address[0]
+            helo, mail, rcpts = None, None, []
+            w = self.wfile
+            w.write(b"220 check-sink ESMTP\r\n")
+            while True:
+                line = self.rfile.readline(4096)
+                if not line:
+                    return
+                cmd = line.decode("ascii", "replace").rstrip("\r\n")
+                verb = cmd[:4].upper()
+                if verb in ("EHLO", "HELO"):
+                    helo = cmd[5:].strip()
+                    w.write(b"250-check-sink\r\n250 8BITMIME\r\n" if verb == "EHLO"
+                            else b"250 check-sink\r\n")
+                elif verb == "MAIL":
+                    mail, rcpts = cmd[10:].strip(), []
+                    w.write(b"250 2.1.0 Ok\r\n")
+                elif verb == "RCPT":
+                    rcpts.append(cmd[8:].strip())
+                    w.write(b"250 2.1.5 Ok\r\n")
+                elif verb == "DATA":
+                    w.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    data = []
+                    while True:
+                        d = self.rfile.readline(1 << 20)
+                        if not d or d in (b".\r\n", b".\n"):
+                            break
+                        data.append(d)
+                    text = b"".join(data).decode("utf-8", "replace")
+                    head = re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]
+                    rec = {"peer": peer, "helo": helo, "from": mail, "rcpts": rcpts,
+                           "headers": head, "time": time.time()}
+                    with lock, open(out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    w.write(b"250 2.0.0 Ok: recorded\r\n")
+                elif verb == "RSET" or verb == "NOOP":
+                    w.write(b"250 2.0.0 Ok\r\n")
+                elif verb == "QUIT":
+                    w.write(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    w.write(b"502 5.5.2 Not implemented\r\n")
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    srv = Server(("127.0.0.1", port), Handler)
+    srv.timeout = 0.2
+    deadline = time.monotonic() + maxsecs
+    while not stop and time.monotonic() < deadline:
+        srv.handle_request()
+    srv.server_close()
+
+
+def smtp_expect(f, code, what):
+    """Reads one (multi-line) reply from file f; raises unless it has code."""
+    lines = []
+    while True:
+        line = f.readline(4096).decode("ascii", "replace").rstrip("\r\n")
+        if not line:
+            raise RuntimeError(f"{what}: connection closed (after {lines})")
+        lines.append(line)
+        if len(line) < 4 or line[3] != "-":
+            break
+    if not lines[-1].startswith(str(code)):
+        raise RuntimeError(f"{what}: got {' / '.join(lines)!r}, want {code}")
+    return lines
+
+
+def cmd_hooks_check(port, check_out, mode, machine_ip, maxsecs):
+    """The hooks scenario's spot checks against a running petrel (MODE none,
+    lua or plugin). With the policy: a client at 127.0.0.66 is refused at
+    connect (554), a recipient at blocked.test at RCPT (550). Always: a
+    message from probe@check.test to probe@check.test reaches the check
+    sink (route check.test), from MACHINE_IP with EHLO check-out.bench.test
+    when the policy chose the source (127.0.0.1 otherwise), and carries
+    X-Bench: <queue id> exactly when the header_stamp plugin is loaded.
+    Prints what it saw; exit status 1 with the reason on a failure."""
+    deadline = time.monotonic() + maxsecs
+    token = f"hooks-check-{os.getpid()}-{time.time():.6f}"
+    policy = mode in ("lua", "plugin")
+    seen = []
+
+    def session(source_ip):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                     source_address=(source_ip, 0))
+        return s, s.makefile("rb")
+
+    def send(s, line):
+        s.sendall(line.encode("ascii") + b"\r\n")
+
+    try:
+        if policy:
+            s, f = session("127.0.0.66")
+            seen.append("connect from 127.0.0.66: " + smtp_expect(f, 554, "connect hook")[-1])
+            s.close()
+        s, f = session("127.0.0.1")
+        smtp_expect(f, 220, "banner")
+        send(s, "EHLO probe.bench.test")
+        smtp_expect(f, 250, "EHLO")
+        if policy:
+            send(s, "MAIL FROM:<probe@check.test>")
+            smtp_expect(f, 250, "MAIL")
+            send(s, "RCPT TO:<x@blocked.test>")
+            seen.append("RCPT x@blocked.test: " + smtp_expect(f, 550, "rcpt_to hook")[-1])
+            send(s, "RSET")
+            smtp_expect(f, 250, "RSET")
+        send(s, "MAIL FROM:<probe@check.test>")
+        smtp_expect(f, 250, "MAIL")
+        send(s, "RCPT TO:<probe@check.test>")
+        smtp_expect(f, 250, "RCPT probe@check.test")
+        send(s, "DATA")
+        smtp_expect(f, 354, "DATA")
+        s.sendall((f"From: <probe@check.test>\r\nTo: <probe@check.test>\r\n"
+                   f"Subject: {token}\r\n\r\nspot check\r\n.\r\n").encode("ascii"))
+        queued = smtp_expect(f, 250, "end of data")[-1]
+        send(s, "QUIT")
+        s.close()
+    except (OSError, RuntimeError) as e:
+        print(f"hooks-check {mode}: FAILED: {e}")
+        return 1
+
+    rec = None
+    while rec is None and time.monotonic() < deadline:
+        try:
+            with open(check_out) as fh:
+                for line in fh:
+                    r = json.loads(line)
+                    if token in r["headers"]:
+                        rec = r
+        except (OSError, ValueError):
+            pass
+        if rec is None:
+            time.sleep(0.1)
+    if rec is None:
+        print(f"hooks-check {mode}: FAILED: the probe message ({queued}) did not reach the "
+              f"check sink within {maxsecs:.0f} s")
+        return 1
+    want_ip = machine_ip if policy else "127.0.0.1"
+    want_helo = "check-out.bench.test" if policy else None
+    stamp = re.findall(r"^X-Bench:[ \t]*(.*)$", rec["headers"], re.M | re.I)
+    errors = []
+    if rec["peer"] != want_ip:
+        errors.append(f"relayed from {rec['peer']}, want {want_ip} (select_source)")
+    if want_helo and rec["helo"] != want_helo:
+        errors.append(f"EHLO {rec['helo']}, want {want_helo} (select_source)")
+    if mode == "plugin":
+        if len(stamp) != 1 or not re.fullmatch(r"[0-9A-Za-z]{6,}", stamp[0].strip()):
+            errors.append(f"X-Bench headers {stamp}, want one with the queue id")
+        elif stamp[0].strip() not in queued:
+            errors.append(f"X-Bench: {stamp[0].strip()} is not the queue id in {queued!r}")
+    elif stamp:
+        errors.append(f"X-Bench header {stamp} without the plugin")
+    seen.append(f"probe relayed from {rec['peer']} EHLO {rec['helo']}"
+                + (f", X-Bench: {stamp[0].strip()}" if stamp else ", no X-Bench header")
+                + f" (petrel: {queued})")
+    if errors:
+        print(f"hooks-check {mode}: FAILED: " + "; ".join(errors) + " | " + "; ".join(seen))
+        return 1
+    print(f"hooks-check {mode}: ok: " + "; ".join(seen))
+    return 0
 
 
 def cmd_tarpit(port, maxsecs):
@@ -561,11 +767,173 @@ def report_milter(rows, out):
     return failed
 
 
+# The hooks scenario: petrel relay without hooks, with the Lua policy, with
+# the policy and the header_stamp plugin.
+HOOK_SCENARIOS = (("hooks-none", "no hooks"),
+                  ("hooks-lua", "Lua policy (connect, rcpt_to, select_source)"),
+                  ("hooks-plugin", "Lua policy + header_stamp plugin"))
+HOOK_METRICS = RELAY_METRICS + [
+    ("load_cpu_pct", "smtp-source CPU, % of one CPU", "{:.0f}"),
+]
+TARGET_HOOKS_RATE = 0.95   # <= 5 % lower relayed msgs/s than without hooks
+
+
+def add_load_pct(r):
+    lc, wall = r.get("load_cpu_s"), r.get("wall_s")
+    r["load_cpu_pct"] = (100 * lc / wall if isinstance(lc, float) and wall else None)
+
+
+def report_hooks(rows, out):
+    """The hooks scenario (petrel only); returns failed."""
+    hrows = [r for r in rows if r["scenario"] in dict(HOOK_SCENARIOS)]
+    if not hrows:
+        return False
+    for r in hrows:
+        add_load_pct(r)
+    failed = False
+    order = []
+    for r in hrows:
+        if workload_key(r) not in order:
+            order.append(workload_key(r))
+    for (msgs, size, sess) in order:
+        name = f"{msgs}x{size}B/s{sess}"
+        w = out.setdefault(name, {"messages": msgs, "size": size, "sessions": sess})
+        print(f"\nHooks: petrel relay {msgs} msgs x {size} B, {sess} sessions, one message per "
+              f"connection, without and with hooks")
+        med = {}
+        for scen, what in HOOK_SCENARIOS:
+            runs = [r for r in hrows if r["scenario"] == scen and workload_key(r) ==
+                    (msgs, size, sess)]
+            if not runs:
+                continue
+            print(f"\n  petrel, {what} ({MEM_NOTE['petrel']})")
+            m, nok, bad = print_block(runs, HOOK_METRICS)
+            failed = failed or bad
+            med[scen] = m
+            w[scen] = {"runs": [strip_run(r) for r in runs], "median": m, "ok_runs": nok}
+        base = med.get("hooks-none")
+        if not base:
+            continue
+        print(f"\n  Summary (medians) against no hooks; target: relayed msgs/s at least "
+              f"{TARGET_HOOKS_RATE:.0%} of it")
+        hdr = ["config", "relayed/s", "ratio", "target", "accepted/s", "ratio",
+               "CPU-s/1k", "ratio", "added µs/msg"]
+        widths = [14, 11, 8, 9, 12, 8, 10, 8, 14]
+        print("  " + "".join(f"{h:>{wd}}" for h, wd in zip(hdr, widths)))
+        for scen, label in (("hooks-none", "none"), ("hooks-lua", "Lua"),
+                            ("hooks-plugin", "Lua+plugin")):
+            m = med.get(scen)
+            if not m:
+                continue
+            rr = ratio(m["relay_msgs_per_s"], base["relay_msgs_per_s"])
+            ar = ratio(m["msgs_per_s"], base["msgs_per_s"])
+            cr = ratio(m["relay_cpu_per_1k"], base["relay_cpu_per_1k"])
+            added = (1000 * (m["relay_cpu_per_1k"] - base["relay_cpu_per_1k"])
+                     if m["relay_cpu_per_1k"] is not None and
+                     base["relay_cpu_per_1k"] is not None else None)
+            met = rr is not None and rr >= TARGET_HOOKS_RATE
+            if scen != "hooks-none":
+                w[scen]["against_none"] = {"relay_rate_ratio": rr, "accept_rate_ratio": ar,
+                                           "cpu_ratio": cr, "added_cpu_us_per_msg": added,
+                                           "target_met": met}
+            cells = [label, fmt(m["relay_msgs_per_s"], "{:.0f}"), fmt(rr, "{:.3f}"),
+                     "-" if scen == "hooks-none" else ("MET" if met else "NOT MET"),
+                     fmt(m["msgs_per_s"], "{:.0f}"), fmt(ar, "{:.3f}"),
+                     fmt(m["relay_cpu_per_1k"], "{:.3f}"), fmt(cr, "{:.2f}"),
+                     "-" if scen == "hooks-none" else fmt(added, "{:+.0f}")]
+            print("  " + "".join(f"{c:>{wd}}" for c, wd in zip(cells, widths)))
+    return failed
+
+
+# The TLS scenario: STARTTLS on both hops, both servers.
+TLS_METRICS = RELAY_METRICS + [
+    ("hs_in_per_s", "inbound handshakes/s", "{:.0f}"),
+    ("tls_out", "outbound handshakes (sink)", "{:.0f}"),
+    ("hs_out_per_s", "outbound handshakes/s", "{:.1f}"),
+    ("resumed_pct", "outbound resumed, %", "{:.0f}"),
+    ("log_tls", "outbound TLS in the log", "{:.0f}"),
+    ("log_resumed", "  of which resumed=yes", "{:.0f}"),
+    ("load_cpu_pct", "tls_load.py CPU, % of one CPU", "{:.0f}"),
+]
+TARGET_TLS_RATIO = 2.0   # petrel >= 2x Postfix (msgs/s relayed, inbound handshakes/s)
+
+
+def report_tls(rows, out):
+    """The TLS scenario, both servers; returns failed."""
+    trows = [r for r in rows if r["scenario"] == "tls"]
+    if not trows:
+        return False
+    for r in trows:
+        add_load_pct(r)
+        tin, tout, tres = r.get("tls_in"), r.get("tls_out"), r.get("tls_out_resumed")
+        r["hs_in_per_s"] = tin / r["wall_s"] if isinstance(tin, float) and r["wall_s"] else None
+        r["hs_out_per_s"] = (tout / r["relay_s"] if isinstance(tout, float) and r["relay_s"]
+                             else None)
+        r["resumed_pct"] = (100 * tres / tout if isinstance(tres, float) and tout else None)
+    failed = False
+    order = []
+    for r in trows:
+        if workload_key(r) not in order:
+            order.append(workload_key(r))
+    summary = []
+    for (msgs, size, sess) in order:
+        name = f"{msgs}x{size}B/c{sess}"
+        w = out.setdefault(name, {"messages": msgs, "size": size, "connections": sess})
+        print(f"\nTLS relay {msgs} msgs x {size} B, {sess} concurrent connections, one message "
+              f"per connection: tls_load.py -> server -> tls_sink, STARTTLS on both hops")
+        med = {}
+        for server in ("petrel", "postfix"):
+            runs = [r for r in trows if r["server"] == server and workload_key(r) ==
+                    (msgs, size, sess)]
+            if not runs:
+                continue
+            label = "petrel" if server == "petrel" else "Postfix 3.7"
+            print(f"\n  {label} ({MEM_NOTE[server]})")
+            m, nok, bad = print_block(runs, TLS_METRICS)
+            failed = failed or bad
+            med[server] = m
+            w[server] = {"runs": [strip_run(r) for r in runs], "median": m, "ok_runs": nok}
+        p, q = med.get("petrel"), med.get("postfix")
+        if p and q:
+            rr = ratio(p["relay_msgs_per_s"], q["relay_msgs_per_s"])
+            hr = ratio(p["hs_in_per_s"], q["hs_in_per_s"])
+            ar = ratio(p["msgs_per_s"], q["msgs_per_s"])
+            cr = ratio(q["relay_cpu_per_1k"], p["relay_cpu_per_1k"])
+            w["ratios"] = {"relay_rate_petrel_over_postfix": rr,
+                           "inbound_handshakes_petrel_over_postfix": hr,
+                           "accept_rate_petrel_over_postfix": ar,
+                           "cpu_postfix_over_petrel": cr}
+            w["targets"] = {"relay_rate_met": rr is not None and rr >= TARGET_TLS_RATIO,
+                            "handshakes_met": hr is not None and hr >= TARGET_TLS_RATIO}
+            summary.append((name, p, q, rr, hr, cr))
+    if summary:
+        print(f"\nTLS summary (medians). Target: petrel >= {TARGET_TLS_RATIO:.0f}x Postfix "
+              f"(messages/s relayed and inbound handshakes/s)")
+        hdr = ["workload", "relayed/s petrel", "Postfix", "ratio", "target",
+               "handshakes/s in petrel", "Postfix", "ratio", "target",
+               "CPU/1k petrel", "Postfix", "ratio", "resumed % petrel", "Postfix"]
+        widths = [20, 17, 8, 7, 8, 23, 8, 7, 8, 14, 8, 7, 17, 8]
+        print("  " + "".join(f"{h:>{wd}}" for h, wd in zip(hdr, widths)))
+        for name, p, q, rr, hr, cr in summary:
+            cells = [name, fmt(p["relay_msgs_per_s"], "{:.0f}"),
+                     fmt(q["relay_msgs_per_s"], "{:.0f}"), fmt(rr, "{:.2f}x"),
+                     "MET" if rr is not None and rr >= TARGET_TLS_RATIO else "NOT MET",
+                     fmt(p["hs_in_per_s"], "{:.0f}"), fmt(q["hs_in_per_s"], "{:.0f}"),
+                     fmt(hr, "{:.2f}x"),
+                     "MET" if hr is not None and hr >= TARGET_TLS_RATIO else "NOT MET",
+                     fmt(p["relay_cpu_per_1k"], "{:.3f}"), fmt(q["relay_cpu_per_1k"], "{:.3f}"),
+                     fmt(cr, "{:.2f}x"), fmt(p["resumed_pct"], "{:.0f}"),
+                     fmt(q["resumed_pct"], "{:.0f}")]
+            print("  " + "".join(f"{c:>{wd}}" for c, wd in zip(cells, widths)))
+    return failed
+
+
 def cmd_report(tsv, out_json):
     rows = load_tsv(tsv)
     params = {k: os.environ.get(k) for k in
               ("BENCH_MODE", "BENCH_RUNS", "BENCH_MESSAGES", "BENCH_SESSIONS", "BENCH_SIZE",
-               "BENCH_RELAY", "BENCH_MILTER")}
+               "BENCH_RELAY", "BENCH_MILTER", "BENCH_HOOKS", "BENCH_TLS", "BENCH_TLS_KEY",
+               "BENCH_TLS_PROCS", "BENCH_TLS_POSTFIX_REUSE")}
     result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
@@ -577,10 +945,14 @@ def cmd_report(tsv, out_json):
                               "cpu_ratio_min": TARGET_CPU_RATIO},
                   "workloads": {}},
         "milter": {"workloads": {}},
+        "hooks": {"target_relay_rate_ratio_min": TARGET_HOOKS_RATE, "workloads": {}},
+        "tls": {"target_ratio_min": TARGET_TLS_RATIO, "workloads": {}},
     }
     failed = report_receive(rows, result["receive"])
     failed = report_relay(rows, result["relay"]["workloads"]) or failed
     failed = report_milter(rows, result["milter"]["workloads"]) or failed
+    failed = report_hooks(rows, result["hooks"]["workloads"]) or failed
+    failed = report_tls(rows, result["tls"]["workloads"]) or failed
     result["failed"] = failed
     with open(out_json, "w") as f:
         json.dump(result, f, indent=2)
@@ -607,9 +979,15 @@ def main(argv):
         cmd_pss_sample(int(args[0]), args[1], float(args[2]), float(args[3]))
     elif cmd == "sinkcount" and len(args) == 1:
         cmd_sinkcount(args[0])
+    elif cmd == "tlssinkcount" and len(args) == 1:
+        cmd_tlssinkcount(args[0])
     elif cmd == "relay-watch" and len(args) == 7:
         return cmd_relay_watch(args[0], int(args[1]), float(args[2]), args[3],
                                int(args[4]), int(args[5]), args[6])
+    elif cmd == "check-sink" and len(args) == 3:
+        cmd_check_sink(int(args[0]), args[1], float(args[2]))
+    elif cmd == "hooks-check" and len(args) == 5:
+        return cmd_hooks_check(int(args[0]), args[1], args[2], args[3], float(args[4]))
     elif cmd == "tarpit" and len(args) == 2:
         cmd_tarpit(int(args[0]), float(args[1]))
     elif cmd == "report" and len(args) == 2:
