@@ -61,7 +61,9 @@ struct plua_call {
     int co_ref;
     int views_ref;          /* table of the views handed out */
     struct timer *timer;    /* owned: start and sleep */
-    struct timer *deadline; /* owned: whole-call deadline */
+    struct timer *deadline; /* owned or NULL: whole-call deadline, armed at the first wait
+                             * (a hook that never waits is bounded by the count hook) */
+    int64_t started_ms;     /* when plua_call was made: the deadline counts from it */
     struct dns_query *q;    /* pending lookup, or NULL */
     bool q_mx;
     enum plua_wait wait;
@@ -531,6 +533,26 @@ plua_async_call(lua_State *L, const char *what)
     return c;
 }
 
+static void plua_deadline_fired(struct timer *t, void *arg);
+
+/* Before the first wait: arms the whole-call deadline for the time left
+ * of it since plua_call (creating the timer then saves it for the hooks
+ * that never wait, most of them). */
+static void
+plua_arm_deadline(struct plua_call *c)
+{
+    if (c->deadline != NULL)
+        return;
+    uint64_t dl = c->p->timeout_ms * PLUA_DEADLINE_FACTOR;
+    if (dl < PLUA_DEADLINE_MIN_MS)
+        dl = PLUA_DEADLINE_MIN_MS;
+    int64_t spent = now_ms() - c->started_ms;
+    uint64_t left = spent <= 0 ? dl : (uint64_t)spent >= dl ? 0 : dl - (uint64_t)spent;
+    c->deadline = timer_new(c->p->loop, plua_deadline_fired, c);
+    timer_set_ref(c->deadline, 0);
+    timer_arm(c->deadline, left);
+}
+
 static int
 plua_petrel_sleep(lua_State *L)
 {
@@ -540,6 +562,7 @@ plua_petrel_sleep(lua_State *L)
         return luaL_error(L, "petrel.sleep: bad duration");
     c->wait = WAIT_SLEEP;
     c->gen++;
+    plua_arm_deadline(c);
     timer_arm(c->timer, (uint64_t)(s * 1000.0 + 0.5));
     return lua_yield(L, 0);
 }
@@ -559,6 +582,7 @@ plua_dns_start(lua_State *L, bool mx)
     }
     c->wait = WAIT_DNS;
     c->gen++;
+    plua_arm_deadline(c);
     c->q_mx = mx;
     c->q = mx ? dns_resolve_mx(c->p->dns, name, plua_dns_done, c)
               : dns_resolve_host(c->p->dns, name, plua_dns_done, c);
@@ -1187,11 +1211,8 @@ plua_call(struct plua *p, const char *name, const struct plua_args *args, plua_c
     }
     lua_pop(L, 1);
 
+    c->started_ms = now_ms();
     c->timer = timer_new(p->loop, plua_timer_fired, c);
-    c->deadline = timer_new(p->loop, plua_deadline_fired, c);
-    timer_set_ref(c->deadline, 0);
-    uint64_t dl = p->timeout_ms * PLUA_DEADLINE_FACTOR;
-    timer_arm(c->deadline, dl < PLUA_DEADLINE_MIN_MS ? PLUA_DEADLINE_MIN_MS : dl);
     timer_arm(c->timer, 0);
     return c;
 }
