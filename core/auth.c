@@ -384,6 +384,20 @@ auth_set_user(struct auth_sasl *s, const char *p, size_t len)
     return true;
 }
 
+/* The exchange produced a password (len bytes, no NUL inside, at most
+ * AUTH_PASSWORD_MAX): DONE, or FAILED for an empty one. */
+static enum auth_sasl_status
+auth_sasl_done(struct auth_sasl *s, const char *pass, size_t len, const struct reply **reply)
+{
+    if (len == 0)
+        return auth_sasl_fail(s, &R_AUTH_FAILED, "empty password", reply);
+    memcpy(s->password, pass, len);
+    s->password[len] = '\0';
+    s->step = STEP_NONE;
+    *reply = NULL;
+    return AUTH_SASL_DONE;
+}
+
 /* PLAIN message: [authzid] NUL authcid NUL passwd (RFC 4616 2). */
 static enum auth_sasl_status
 auth_sasl_plain(struct auth_sasl *s, struct span b64, const struct reply **reply)
@@ -430,15 +444,7 @@ auth_sasl_plain(struct auth_sasl *s, struct span b64, const struct reply **reply
                             reply);
         goto out;
     }
-    if (pass_len == 0) {
-        st = auth_sasl_fail(s, &R_AUTH_FAILED, "empty password", reply);
-        goto out;
-    }
-    memcpy(s->password, pass, pass_len);
-    s->password[pass_len] = '\0';
-    s->step = STEP_NONE;
-    *reply = NULL;
-    st = AUTH_SASL_DONE;
+    st = auth_sasl_done(s, pass, pass_len, reply);
 out:
     explicit_bzero(buf, sizeof(buf));
     return st;
@@ -473,15 +479,7 @@ auth_sasl_login(struct auth_sasl *s, struct span b64, bool is_user, const struct
         st = AUTH_SASL_CONTINUE;
         goto out;
     }
-    if (len == 0) {
-        st = auth_sasl_fail(s, &R_AUTH_FAILED, "empty password", reply);
-        goto out;
-    }
-    memcpy(s->password, buf, len);
-    s->password[len] = '\0';
-    s->step = STEP_NONE;
-    *reply = NULL;
-    st = AUTH_SASL_DONE;
+    st = auth_sasl_done(s, buf, len, reply);
 out:
     explicit_bzero(buf, sizeof(buf));
     return st;
