@@ -1116,6 +1116,7 @@ static const struct config_option config_options[] = {
     { OPT(S_DELIVERY, "port", T_UINT, TOP(delivery.port)), .def = "25", .min = 1,
       .max = 65535 },
     { OPT(S_DELIVERY, "hold", T_BOOL, TOP(delivery.hold)), .def = "false" },
+    { OPT(S_DELIVERY, "tls_fallback", T_BOOL, TOP(delivery.tls_fallback)), .def = "false" },
     { OPT(S_DELIVERY, "mta_sts", T_BOOL, TOP(delivery.mta_sts)), .def = "false" },
     { OPT(S_DELIVERY, "max_connections", T_UINT, TOP(delivery.max_connections)),
       .def = "500", .min = 1, .max = 100000 },

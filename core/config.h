@@ -164,6 +164,7 @@ struct petrel_config {
         enum delivery_tls tls;       /* default opportunistic */
         unsigned port;               /* default 25 */
         bool hold;                   /* queue everything, deliver nothing; default false */
+        bool tls_fallback;           /* opportunistic: plaintext after a failed handshake */
         bool mta_sts;                /* apply MTA-STS policies (RFC 8461); default false */
         unsigned max_connections;    /* all destinations together; default 500 */
         uint64_t connection_cache_time_ms; /* idle connection kept for reuse; default 2s */

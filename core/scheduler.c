@@ -1822,6 +1822,7 @@ sched_sess_connect(struct sched_sess *ss, const struct smtpc_target *t, size_t n
         .data_end_timeout_ms = cfg->delivery.timeouts.data_end_ms,
         .tls = ss->dest->route.tls != DELIVERY_TLS_DEFAULT ? (enum delivery_tls)ss->dest->route.tls
                                                            : cfg->delivery.tls,
+        .tls_fallback = cfg->delivery.tls_fallback,
         /* DANE: TLSA lookups go to the same resolvers; the MX RRset of an
          * MX route's domain must be validated too (RFC 7672 2.2.1) */
         .dns_resolvers = (const char *const *)cfg->dns.resolvers.v,

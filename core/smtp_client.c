@@ -139,6 +139,9 @@ struct smtpc {
     struct conn *conn;  /* owned; NULL only after the last CLOSED */
     enum smtpc_state state;
     bool next_target;   /* the close is a target failure: try the next one */
+    bool plain_retry;   /* the target in use is tried again without STARTTLS
+                         * (opts.tls_fallback after a failed handshake) */
+    bool plain_pending; /* the close is for that retry: reconnect to the same target */
     bool aborted;       /* smtpc_abort: no further target, no FAILED */
     bool unusable;      /* close after the transaction instead of READY */
     bool esmtp;         /* EHLO/LHLO accepted (not HELO) */
@@ -1139,6 +1142,27 @@ smtpc_on_sts(struct mta_sts_lookup *l, const struct mta_sts_result *res, void *a
         smtpc_greeted(c);
 }
 
+/* A failed handshake under an opportunistic policy with opts.tls_fallback:
+ * logs r, closes this connection and connects to the same target again
+ * without STARTTLS (once per target). False when the policy does not allow
+ * it (the caller fails the target). */
+static bool
+smtpc_plain_fallback(struct smtpc *c, const struct smtpc_reply *r)
+{
+    if (!c->opts.tls_fallback || c->plain_retry || smtpc_tls_required(c)
+        || c->opts.tls != DELIVERY_TLS_OPPORTUNISTIC)
+        return false;
+    char text[700];
+    smtpc_reply_format(r, text, sizeof(text));
+    log_msg(LOG_INFO, smtpc_log_key(c), "relay=%s: %s; trying again in plaintext "
+                                        "(delivery.tls_fallback)",
+            c->relay, text);
+    c->plain_retry = true;
+    c->plain_pending = true;
+    smtpc_enter(c, ST_CLOSING);
+    return true;
+}
+
 /* The handshake started after STARTTLS's 220 ended. */
 static void
 smtpc_on_tls(struct conn *cn, int status, void *arg)
@@ -1151,6 +1175,8 @@ smtpc_on_tls(struct conn *cn, int status, void *arg)
         struct smtpc_reply r;
         smtpc_synth(&r, 451, "4.7.5", DELIV_SCOPE_CONN, "TLS handshake with %s failed: %s",
                     c->relay, why[0] ? why : conn_strerror(status));
+        if (smtpc_plain_fallback(c, &r))
+            return;
         smtpc_target_failed(c, &r, false); /* never plaintext on this connection */
         return;
     }
@@ -1199,6 +1225,8 @@ smtpc_on_starttls_reply(struct smtpc *c, const struct smtpc_reply *r)
             struct smtpc_reply f;
             smtpc_synth(&f, 451, "4.7.5", DELIV_SCOPE_CONN, "TLS handshake with %s failed: %s",
                         c->relay, err[0] ? err : conn_strerror(rc));
+            if (smtpc_plain_fallback(c, &f))
+                return;
             smtpc_target_failed(c, &f, false);
             return;
         }
@@ -1275,7 +1303,7 @@ smtpc_greeted(struct smtpc *c)
         if (mode == MTA_STS_MODE_TESTING && !c->ext.starttls)
             smtpc_sts_would_fail(c, "STARTTLS not offered");
     }
-    bool want = !c->opts.lmtp && !c->tls_on &&
+    bool want = !c->opts.lmtp && !c->tls_on && !c->plain_retry &&
                 (c->opts.tls != DELIVERY_TLS_NONE || smtpc_sts_mode(c) == MTA_STS_MODE_ENFORCE);
     if (want && c->ext.starttls) {
         char why[160] = "";
@@ -1554,10 +1582,16 @@ smtpc_on_closed(struct smtpc *c)
         c->msg = NULL;
         smtpc_emit(c, SMTPC_EV_DONE);
     }
+    if (c->plain_pending && !c->aborted) {
+        c->plain_pending = false;
+        smtpc_connect(c); /* the same target, plain_retry set: no STARTTLS */
+        return;
+    }
     if (c->next_target && !c->aborted) {
         c->next_target = false;
         if (c->cur + 1 < c->ntargets) {
             c->cur++;
+            c->plain_retry = false;
             smtpc_connect(c);
             return;
         }

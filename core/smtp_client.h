@@ -90,6 +90,9 @@ struct smtpc_options {
                                      * 4.7.4), dane (below). Outside DANE the certificate
                                      * is never required to verify. */
     struct tls_ctx *tls_ctx;        /* borrowed client context; NULL: tls_client_shared() */
+    bool tls_fallback;              /* opportunistic only: after a failed handshake, connect
+                                     * to the same target again without STARTTLS (once);
+                                     * false: the target fails with 4.7.5 (the default) */
     /* DANE (tls = dane; RFC 7672): see "DANE" below. */
     const char *const *dns_resolvers; /* read during smtpc_start: dns.resolvers entries
                                        * ("ip:port"); none: /etc/resolv.conf */

@@ -378,3 +378,32 @@ def test_failed_handshake_defers_and_is_never_retried_in_plaintext(world, ca):
         assert len(conns) == 1, f"want one connection (no plaintext retry), got {conns}"
     finally:
         mx.stop()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_tls_fallback_retries_the_same_mx_in_plaintext_when_configured(world, ca):
+    """delivery.tls_fallback: true (opportunistic only): after the failed
+    handshake petrel connects to the same MX again without STARTTLS and
+    delivers; the log says why."""
+    cert, key = ca.leaf("mx.tls.tls.test")
+    ctx = ca.server_context(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    mx = TlsServer("127.0.7.2", world.port, name="mx.tls.tls.test", tls_context=ctx)
+    mx.start()
+    try:
+        p = world.start(extra={"delivery": {
+            "hostname": DELIVERY_HOSTNAME, "port": world.port, "tls_fallback": True,
+            "timeouts": {"connect": "3s", "greeting": "10s", "command": "10s"}}})
+        qid = submit(p, SENDER, ["bob@tls.tls.test"], message("fallback", sender=SENDER))
+        d = wait_delivery(p, qid, "bob@tls.tls.test", "sent")
+        assert "tls=" not in d["line"], f"delivered over TLS? {d['line']}"
+        p.wait_log(r"relay=mx\.tls\.tls\.test\[127\.0\.7\.2\]:\d+: 451 4\.7\.5 TLS handshake "
+                   r"with .* failed: .*; trying again in plaintext \(delivery\.tls_fallback\)")
+        txns = mx.wait_for(1, 15)
+        conns = mx.all_connections()
+        assert len(conns) == 2, f"want the failed TLS connection and a plaintext one: {conns}"
+        tls = getattr(txns[0].conn, "tls", None)
+        assert not tls, f"the message went over TLS: {tls}"
+    finally:
+        mx.stop()
