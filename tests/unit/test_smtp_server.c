@@ -15,9 +15,11 @@
 #include "config.h"
 #include "conn.h"
 #include "fakes/fake_conn.h"
+#include "fakes/fake_hooks.h"
 #include "fakes/fake_spool.h"
 #include "reply.h"
 #include "smtp_server.h"
+#include "spool.h"
 #include "util.h"
 
 static const char t_base_config[] =
@@ -1134,6 +1136,193 @@ test_smtp_server_implicit_tls_refusal_is_not_written_in_plaintext(void **state)
     config_unref(e.cfg);
 }
 
+/* ---- hooked sessions (fake_hooks: scripted Lua/milter/plugin answers) ---- */
+
+static void
+t_hooks_expect_trace(const char *want)
+{
+    if (strcmp(fake_hooks_trace(), want) != 0)
+        fail_msg("hook stages: got \"%s\", want \"%s\"", fake_hooks_trace(), want);
+}
+
+/* The connect stage's refusal takes the banner's place and closes. */
+static void
+test_smtp_server_hook_connect_refusal_is_the_banner(void **state)
+{
+    (void)state;
+    static const struct fake_hook_plan plan[] = {
+        { PLUGIN_HOOK_CONNECT, NULL, VERDICT_REJECT, 554, "5.7.1", "go away" },
+    };
+    fake_hooks_plan(plan, ARRAY_SIZE(plan), NULL, NULL);
+    struct t_env e;
+    t_start_with(&e, t_base_config, "192.0.2.7");
+    t_expect(&e, ""); /* nothing before the hook answered */
+    assert_true(fake_hooks_pending());
+    assert_true(fake_hooks_complete());
+    t_expect(&e, "554 5.7.1 go away\r\n");
+    assert_true(fake_conn_closing(e.c));
+    t_finish(&e);
+    fake_hooks_reset();
+}
+
+/* Pipelined commands wait for each stage; replies come in order, one
+ * recipient refused among others. */
+static void
+test_smtp_server_hook_stages_keep_pipelined_order(void **state)
+{
+    (void)state;
+    static const struct fake_hook_plan plan[] = {
+        { PLUGIN_HOOK_RCPT_TO, "no@x.org", VERDICT_REJECT, 550, "5.1.1", "no such user" },
+        { PLUGIN_HOOK_MAIL_FROM, "spam@x.org", VERDICT_TEMPFAIL, 451, "4.7.1", "later" },
+    };
+    fake_hooks_plan(plan, ARRAY_SIZE(plan), NULL, NULL);
+    struct t_env e;
+    t_start_with(&e, t_base_config, "192.0.2.7");
+    assert_true(fake_hooks_complete()); /* connect */
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO client.example\r\nMAIL FROM:<spam@x.org>\r\n"
+                            "MAIL FROM:<a@x.org>\r\nRCPT TO:<no@x.org>\r\n"
+                            "RCPT TO:<yes@x.org>\r\nDATA\r\n");
+    t_expect(&e, ""); /* EHLO waits for the helo stage */
+    int rounds = 0;
+    while (fake_hooks_complete())
+        rounds++;
+    assert_int_equal(rounds, 5); /* helo, mail ×2, rcpt ×2 */
+    t_expect(&e, "250-mx.petrel.test\r\n250-PIPELINING\r\n250-SIZE 2048\r\n"
+                 "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n"
+                 "250-CHUNKING\r\n250-XBIND\r\n250 DSN\r\n"
+                 "451 4.7.1 later\r\n250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n"
+                 "250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n");
+    t_hooks_expect_trace("connect helo:client.example mail:spam@x.org mail:a@x.org "
+                         "rcpt:no@x.org rcpt:yes@x.org");
+    fake_conn_push_str(e.c, "Subject: x\r\n\r\nb\r\n.\r\n");
+    assert_true(fake_hooks_complete()); /* end of message */
+    assert_int_equal(fake_spool_count(e.sp), 1);
+    assert_int_equal(fake_spool_msg(e.sp, 0)->nrcpts, 1);
+    assert_string_equal(fake_spool_msg(e.sp, 0)->rcpts[0], "yes@x.org");
+    fake_spool_complete(e.sp, 0);
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+    t_finish(&e);
+    fake_hooks_reset();
+}
+
+/* End of message: the hooks' content and envelope changes are what is
+ * stored; a quarantine is stored held with its reason. */
+static void
+test_smtp_server_hook_eom_changes_are_stored(void **state)
+{
+    (void)state;
+    static const struct fake_hook_plan plan[] = {
+        { PLUGIN_HOOK_DATA, NULL, VERDICT_QUARANTINE, 0, "", "looks odd" },
+    };
+    struct milter_mod mods[] = {
+        { .kind = MILTER_MOD_CHANGE_FROM, .filter = "f", .value = "new@x.org" },
+        { .kind = MILTER_MOD_ADD_RCPT, .filter = "f", .value = "added@x.org" },
+        { .kind = MILTER_MOD_DELETE_RCPT, .filter = "f", .value = "<B@X.ORG>" },
+    };
+    struct milter_mods m = { .v = mods, .n = ARRAY_SIZE(mods), .cap = ARRAY_SIZE(mods) };
+    fake_hooks_plan(plan, ARRAY_SIZE(plan), "X-Changed: yes\r\n\r\nnew body\r\n", &m);
+    struct t_env e;
+    t_start_with(&e, t_base_config, "192.0.2.7");
+    assert_true(fake_hooks_complete());
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO c.example\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@x.org>\r\n"
+                            "RCPT TO:<c@x.org>\r\nDATA\r\n");
+    while (fake_hooks_complete())
+        ;
+    t_expect_prefix(&e, "250-mx.petrel.test");
+    fake_conn_push_str(e.c, "Subject: hi\r\n\r\nbody\r\n.\r\n");
+    assert_true(fake_hooks_complete()); /* eom: quarantined, no content change then */
+    assert_int_equal(fake_spool_count(e.sp), 1);
+    const struct fake_spool_msg *q = fake_spool_msg(e.sp, 0);
+    assert_true(q->flags & SPOOL_F_QUARANTINED);
+    assert_string_equal(q->quarantine_reason, "looks odd");
+    assert_non_null(strstr(q->content, "Subject: hi\r\n\r\nbody\r\n"));
+    fake_spool_complete(e.sp, 0);
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+
+    /* the next message: content and envelope changed (no quarantine plan
+     * for it: the plan's verdict applies to every end of message, so swap) */
+    static const struct fake_hook_plan none[] = {
+        { PLUGIN_HOOK_HELO, "never", VERDICT_REJECT, 550, "5.7.1", "x" },
+    };
+    fake_hooks_plan(none, ARRAY_SIZE(none), "X-Changed: yes\r\n\r\nnew body\r\n", &m);
+    fake_conn_push_str(e.c, "MAIL FROM:<a@x.org>\r\nRCPT TO:<b@x.org>\r\n"
+                            "RCPT TO:<c@x.org>\r\nDATA\r\n");
+    while (fake_hooks_complete())
+        ;
+    t_expect(&e, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+                 "354 End data with <CR><LF>.<CR><LF>\r\n");
+    fake_conn_push_str(e.c, "Subject: hi\r\n\r\nbody\r\n.\r\n");
+    assert_true(fake_hooks_complete());
+    assert_int_equal(fake_spool_count(e.sp), 2);
+    q = fake_spool_msg(e.sp, 1);
+    assert_int_equal(q->flags & SPOOL_F_QUARANTINED, 0);
+    assert_string_equal(q->sender, "new@x.org");
+    assert_int_equal(q->nrcpts, 2); /* b deleted (case-insensitively, brackets), added */
+    assert_string_equal(q->rcpts[0], "c@x.org");
+    assert_string_equal(q->rcpts[1], "added@x.org");
+    const char *body = strstr(q->content, "X-Changed: yes\r\n\r\nnew body\r\n");
+    assert_non_null(body);
+    assert_null(strstr(q->content, "Subject: hi"));
+    fake_spool_complete(e.sp, 0);
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+    t_finish(&e);
+    fake_hooks_reset();
+}
+
+/* DISCARD at a recipient: the client is told 250, nothing is stored. */
+static void
+test_smtp_server_hook_discard_stores_nothing(void **state)
+{
+    (void)state;
+    static const struct fake_hook_plan plan[] = {
+        { PLUGIN_HOOK_RCPT_TO, "drop@x.org", VERDICT_DISCARD, 0, "", "" },
+    };
+    fake_hooks_plan(plan, ARRAY_SIZE(plan), NULL, NULL);
+    struct t_env e;
+    t_start_with(&e, t_base_config, "192.0.2.7");
+    assert_true(fake_hooks_complete());
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO c.example\r\nMAIL FROM:<a@x.org>\r\n"
+                            "RCPT TO:<drop@x.org>\r\nDATA\r\n");
+    while (fake_hooks_complete())
+        ;
+    t_expect_prefix(&e, "250-mx.petrel.test");
+    fake_conn_push_str(e.c, "Subject: x\r\n\r\nb\r\n.\r\n");
+    assert_false(fake_hooks_pending()); /* decided already: no end-of-message stage */
+    t_expect_prefix(&e, "250 2.0.0 Ok: queued as ");
+    assert_int_equal(fake_spool_count(e.sp), 0);
+    t_finish(&e);
+    fake_hooks_reset();
+}
+
+/* A client that leaves while a stage is pending: the stage is cancelled,
+ * the session ends, no callback arrives later. */
+static void
+test_smtp_server_hook_pending_stage_cancelled_on_eof(void **state)
+{
+    (void)state;
+    fake_hooks_plan(NULL, 0, NULL, NULL);
+    struct t_env e;
+    t_start_with(&e, t_base_config, "192.0.2.7");
+    assert_true(fake_hooks_complete());
+    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    fake_conn_push_str(e.c, "EHLO c.example\r\nMAIL FROM:<a@x.org>\r\n");
+    assert_true(fake_hooks_complete()); /* helo */
+    assert_true(fake_hooks_pending());  /* mail */
+    fake_conn_eof(e.c);
+    assert_false(fake_hooks_pending());
+    t_hooks_expect_trace("connect helo:c.example mail:a@x.org cancel");
+    assert_true(fake_conn_closing(e.c));
+    fake_conn_finish_close(e.c);
+    assert_int_equal(e.ended, 1);
+    smtpd_server_free(e.srv);
+    fake_spool_free(e.sp);
+    config_unref(e.cfg);
+    fake_hooks_reset();
+}
+
 int
 main(void)
 {
@@ -1143,6 +1332,11 @@ main(void)
         cmocka_unit_test(test_smtp_server_sequence_errors_get_503),
         cmocka_unit_test(test_smtp_server_unknown_and_syntax_replies),
         cmocka_unit_test(test_smtp_server_relay_denied_for_foreign_client),
+        cmocka_unit_test(test_smtp_server_hook_connect_refusal_is_the_banner),
+        cmocka_unit_test(test_smtp_server_hook_stages_keep_pipelined_order),
+        cmocka_unit_test(test_smtp_server_hook_eom_changes_are_stored),
+        cmocka_unit_test(test_smtp_server_hook_discard_stores_nothing),
+        cmocka_unit_test(test_smtp_server_hook_pending_stage_cancelled_on_eof),
         cmocka_unit_test(test_smtp_server_too_many_recipients_452),
         cmocka_unit_test(test_smtp_server_bare_lf_is_not_end_of_data),
         cmocka_unit_test(test_smtp_server_size_limits),

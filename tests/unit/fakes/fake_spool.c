@@ -40,6 +40,7 @@ fake_spool_free(struct spool *sp)
         free(m->orcpt0);
         free(m->xbind_ip);
         free(m->xbind_hostname);
+        free(m->quarantine_reason);
     }
     free(sp);
 }
@@ -84,6 +85,8 @@ spool_submit(struct spool *sp, const struct spool_envelope *env, const struct sp
     m->envid = env->envid ? xstrdup(env->envid) : NULL;
     m->xbind_ip = env->xbind_ip ? xstrdup(env->xbind_ip) : NULL;
     m->xbind_hostname = env->xbind_hostname ? xstrdup(env->xbind_hostname) : NULL;
+    m->flags = env->flags;
+    m->quarantine_reason = env->quarantine_reason ? xstrdup(env->quarantine_reason) : NULL;
     sp->pending[sp->npending++] = (struct fake_pending){ cb, arg };
 }
 

@@ -22,6 +22,8 @@ struct fake_spool_msg {
     char *orcpt0;        /* owned or NULL */
     char *xbind_ip;      /* owned or NULL */
     char *xbind_hostname; /* owned or NULL */
+    unsigned flags;       /* SPOOL_F_* */
+    char *quarantine_reason; /* owned or NULL */
 };
 
 struct spool *fake_spool_new(void);
