@@ -1145,6 +1145,15 @@ t_hooks_expect_trace(const char *want)
         fail_msg("hook stages: got \"%s\", want \"%s\"", fake_hooks_trace(), want);
 }
 
+/* A hooked session from a relay client, past its connect stage. */
+static void
+t_start_hooked(struct t_env *e)
+{
+    t_start_with(e, t_base_config, "192.0.2.7");
+    assert_true(fake_hooks_complete()); /* connect */
+    t_expect(e, "220 mx.petrel.test ESMTP petrel\r\n");
+}
+
 /* The connect stage's refusal takes the banner's place and closes. */
 static void
 test_smtp_server_hook_connect_refusal_is_the_banner(void **state)
@@ -1177,9 +1186,7 @@ test_smtp_server_hook_stages_keep_pipelined_order(void **state)
     };
     fake_hooks_plan(plan, ARRAY_SIZE(plan), NULL, NULL);
     struct t_env e;
-    t_start_with(&e, t_base_config, "192.0.2.7");
-    assert_true(fake_hooks_complete()); /* connect */
-    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    t_start_hooked(&e);
     fake_conn_push_str(e.c, "EHLO client.example\r\nMAIL FROM:<spam@x.org>\r\n"
                             "MAIL FROM:<a@x.org>\r\nRCPT TO:<no@x.org>\r\n"
                             "RCPT TO:<yes@x.org>\r\nDATA\r\n");
@@ -1223,9 +1230,7 @@ test_smtp_server_hook_eom_changes_are_stored(void **state)
     struct milter_mods m = { .v = mods, .n = ARRAY_SIZE(mods), .cap = ARRAY_SIZE(mods) };
     fake_hooks_plan(plan, ARRAY_SIZE(plan), "X-Changed: yes\r\n\r\nnew body\r\n", &m);
     struct t_env e;
-    t_start_with(&e, t_base_config, "192.0.2.7");
-    assert_true(fake_hooks_complete());
-    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    t_start_hooked(&e);
     fake_conn_push_str(e.c, "EHLO c.example\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@x.org>\r\n"
                             "RCPT TO:<c@x.org>\r\nDATA\r\n");
     while (fake_hooks_complete())
@@ -1281,9 +1286,7 @@ test_smtp_server_hook_discard_stores_nothing(void **state)
     };
     fake_hooks_plan(plan, ARRAY_SIZE(plan), NULL, NULL);
     struct t_env e;
-    t_start_with(&e, t_base_config, "192.0.2.7");
-    assert_true(fake_hooks_complete());
-    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    t_start_hooked(&e);
     fake_conn_push_str(e.c, "EHLO c.example\r\nMAIL FROM:<a@x.org>\r\n"
                             "RCPT TO:<drop@x.org>\r\nDATA\r\n");
     while (fake_hooks_complete())
@@ -1305,9 +1308,7 @@ test_smtp_server_hook_pending_stage_cancelled_on_eof(void **state)
     (void)state;
     fake_hooks_plan(NULL, 0, NULL, NULL);
     struct t_env e;
-    t_start_with(&e, t_base_config, "192.0.2.7");
-    assert_true(fake_hooks_complete());
-    t_expect(&e, "220 mx.petrel.test ESMTP petrel\r\n");
+    t_start_hooked(&e);
     fake_conn_push_str(e.c, "EHLO c.example\r\nMAIL FROM:<a@x.org>\r\n");
     assert_true(fake_hooks_complete()); /* helo */
     assert_true(fake_hooks_pending());  /* mail */
