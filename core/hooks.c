@@ -90,15 +90,22 @@ static void hook_step(struct hook_session *hs);
 
 /* ---- registry ---------------------------------------------------------- */
 
+/* Prefixes a Lua load error with the key it came from. */
+static void
+hooks_lua_error(char **err)
+{
+    char *why = xasprintf("lua.script: %s", *err ? *err : "cannot load");
+    free(*err);
+    *err = why;
+}
+
 struct hooks *
 hooks_new(struct uv_loop_s *loop, struct petrel_config *cfg, struct dns *dns, char **err)
 {
     *err = NULL;
     struct plua *lua = plua_open(loop, cfg, dns, err);
     if (lua == NULL) {
-        char *why = xasprintf("lua.script: %s", *err ? *err : "cannot load");
-        free(*err);
-        *err = why;
+        hooks_lua_error(err);
         return NULL;
     }
     struct plugins *ps = plugins_load(loop, cfg, err);
@@ -120,9 +127,7 @@ hooks_reload(struct hooks *h, struct petrel_config *cfg, char **err)
 {
     *err = NULL;
     if (plua_reload(h->lua, cfg, err) < 0) {
-        char *why = xasprintf("lua.script: %s", *err ? *err : "cannot load");
-        free(*err);
-        *err = why;
+        hooks_lua_error(err);
         return -1;
     }
     config_unref(h->cfg);
@@ -345,6 +350,22 @@ hook_fact(const struct hook_session *hs, const char *name)
 
 /* ---- header section helpers ------------------------------------------ */
 
+/* The message as the engines before have left it. */
+static struct span
+hook_current(const struct hook_session *hs)
+{
+    return hs->changed ? (struct span){ buf_ptr(&hs->content), hs->content.len } : hs->in;
+}
+
+/* Makes out (taken over) the current message. */
+static void
+hook_set_content(struct hook_session *hs, struct buf *out)
+{
+    buf_reset(&hs->content);
+    hs->content = *out;
+    hs->changed = true;
+}
+
 /* Appends the headers (name: value, CR/LF in values replaced by spaces) at
  * the end of the header section of hs's current message. */
 static void
@@ -352,8 +373,7 @@ hook_add_headers(struct hook_session *hs, const struct header_field *add, size_t
 {
     if (n == 0)
         return;
-    struct span cur = hs->changed ? (struct span){ buf_ptr(&hs->content), hs->content.len }
-                                  : hs->in;
+    struct span cur = hook_current(hs);
     size_t end = header_section_end(cur);
     struct buf out;
     buf_init(&out);
@@ -368,15 +388,7 @@ hook_add_headers(struct hook_session *hs, const struct header_field *add, size_t
         buf_append_str(&out, "\r\n");
     }
     buf_append(&out, cur.p + end, cur.len - end);
-    buf_reset(&hs->content);
-    hs->content = out;
-    hs->changed = true;
-}
-
-static struct span
-hook_current(const struct hook_session *hs)
-{
-    return hs->changed ? (struct span){ buf_ptr(&hs->content), hs->content.len } : hs->in;
+    hook_set_content(hs, &out);
 }
 
 /* ---- stage machinery ---------------------------------------------------- */
@@ -525,9 +537,7 @@ hook_on_milter_eom(struct milter_session *ms, const struct verdict *v,
             struct buf out;
             buf_init(&out);
             milter_apply_mods(mods, hook_current(hs), &out);
-            buf_reset(&hs->content);
-            hs->content = out;
-            hs->changed = true;
+            hook_set_content(hs, &out);
         }
         if (mods->quarantine != NULL)
             verdict_setf(&hs->v, VERDICT_QUARANTINE, 0, "", "%s", mods->quarantine);

@@ -767,18 +767,9 @@ plua_pending(const struct plua *p)
 static void
 plua_result_reset(struct plua_result *r)
 {
+    plua_result_drop_answers(r);
     free(r->error);
     verdict_clear(&r->verdict);
-    for (size_t i = 0; i < r->nadd_headers; i++) {
-        free((char *)r->add_headers[i].name);
-        free((char *)r->add_headers[i].value);
-    }
-    free(r->add_headers);
-    free(r->route);
-    free(r->source_ip);
-    free(r->source_hostname);
-    free(r->subject);
-    free(r->text);
     memset(r, 0, sizeof(*r));
     verdict_init(&r->verdict);
 }
@@ -848,29 +839,13 @@ plua_fail(struct plua_call *c, const char *msg)
     for (char *s = flat; *s != '\0'; s++)
         if (*s == '\n' || *s == '\t')
             *s = ' ';
-    const char *act = c->p->on_error == MILTER_ACTION_ACCEPT   ? "accept"
-                      : c->p->on_error == MILTER_ACTION_REJECT ? "reject"
-                                                               : "tempfail";
+    const char *act = verdict_action_name(c->p->on_error);
     log_msg(LOG_WARNING, c->key, "lua: hook %s failed (on_error=%s): %s", c->hook, act, flat);
     free(flat);
     /* Nothing the hook produced before failing is used. */
-    for (size_t i = 0; i < r->nadd_headers; i++) {
-        free((char *)r->add_headers[i].name);
-        free((char *)r->add_headers[i].value);
-    }
-    free(r->add_headers);
-    r->add_headers = NULL;
-    r->nadd_headers = 0;
-    char **strs[] = {&r->route, &r->source_ip, &r->source_hostname, &r->subject, &r->text};
-    for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++) {
-        free(*strs[i]);
-        *strs[i] = NULL;
-    }
-    r->retry_set = r->bounce = false;
-    r->retry_seconds = 0;
+    plua_result_drop_answers(r);
     r->status = PLUA_ERROR;
     verdict_set_on_error(&r->verdict, c->p->on_error);
-    r->allow = false;
 }
 
 static bool

@@ -31,6 +31,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "header.h"
 #include "verdict.h"
@@ -125,6 +126,30 @@ struct plua_result {
     /* bounce: NULL when nil */
     char *subject, *text; /* owned */
 };
+
+/* Frees and clears everything a hook answered besides its verdict: added
+ * headers, route, source, retry decision, bounce text, allow/answered.
+ * status, error and verdict stay. Shared by the Lua and plugin engines (a
+ * failed call keeps nothing it produced). */
+static inline void
+plua_result_drop_answers(struct plua_result *r)
+{
+    for (size_t i = 0; i < r->nadd_headers; i++) {
+        free((char *)r->add_headers[i].name);
+        free((char *)r->add_headers[i].value);
+    }
+    free(r->add_headers);
+    r->add_headers = NULL;
+    r->nadd_headers = 0;
+    char **strs[] = {&r->route, &r->source_ip, &r->source_hostname, &r->subject, &r->text};
+    for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++) {
+        free(*strs[i]);
+        *strs[i] = NULL;
+    }
+    r->retry_set = r->bounce = false;
+    r->retry_seconds = 0;
+    r->allow = r->answered = false;
+}
 
 /* Fires once per plua_call(), from a later loop iteration (a timer, or the
  * DNS completion that resumed the hook), unless the call was cancelled

@@ -248,20 +248,6 @@ milter_stage_name(enum ms_stage st)
     return "IDLE";
 }
 
-static const char *
-milter_action_name(enum milter_action a)
-{
-    switch (a) {
-    case MILTER_ACTION_ACCEPT:
-        return "accept";
-    case MILTER_ACTION_REJECT:
-        return "reject";
-    case MILTER_ACTION_TEMPFAIL:
-        break;
-    }
-    return "tempfail";
-}
-
 /* The domain of an address ("" if none). */
 static const char *
 milter_addr_host(const char *addr)
@@ -659,7 +645,7 @@ milter_fail(struct milter_filter *f, const char *fmt, ...)
     if (current)
         log_kv(&ll, "cmd", "%s", milter_stage_name(ms->stage));
     log_kv_vis(&ll, "reason", why, strlen(why));
-    log_kv(&ll, "status", "%s", milter_action_name(f->cfg->default_action));
+    log_kv(&ll, "status", "%s", verdict_action_name(f->cfg->default_action));
     log_end(&ll);
     if (current && ms->stage == STAGE_EOM)
         milter_mods_rollback(ms, f);

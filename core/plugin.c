@@ -245,14 +245,6 @@ plugin_of(const struct petrel_host *host)
     return PLUGIN_CONTAINER(host, struct plugin, host);
 }
 
-static const char *
-plugin_on_error_name(int on_error)
-{
-    return on_error == MILTER_ACTION_ACCEPT   ? "accept"
-           : on_error == MILTER_ACTION_REJECT ? "reject"
-                                              : "tempfail";
-}
-
 static enum log_level
 plugin_log_level(int level)
 {
@@ -354,29 +346,9 @@ plugin_copy_args(char *base, size_t *off, struct plua_args *dst, const struct pl
 /* ---- results -------------------------------------------------------------- */
 
 static void
-plugin_result_clear_answers(struct plua_result *r)
-{
-    for (size_t i = 0; i < r->nadd_headers; i++) {
-        free((char *)r->add_headers[i].name);
-        free((char *)r->add_headers[i].value);
-    }
-    free(r->add_headers);
-    r->add_headers = NULL;
-    r->nadd_headers = 0;
-    char **strs[] = {&r->route, &r->source_ip, &r->source_hostname, &r->subject, &r->text};
-    for (size_t i = 0; i < ARRAY_SIZE(strs); i++) {
-        free(*strs[i]);
-        *strs[i] = NULL;
-    }
-    r->retry_set = r->bounce = false;
-    r->retry_seconds = 0;
-    r->allow = false;
-}
-
-static void
 plugin_result_free(struct plua_result *r)
 {
-    plugin_result_clear_answers(r);
+    plua_result_drop_answers(r);
     verdict_clear(&r->verdict);
     free(r->error);
     r->error = NULL;
@@ -389,7 +361,7 @@ plugin_fail_call(struct plugin_call *c)
 {
     const struct plugin *pl = &c->set->v[c->cur];
     const char *hook = plugin_hook_names[c->hook];
-    const char *act = plugin_on_error_name(c->set->on_error);
+    const char *act = verdict_action_name(c->set->on_error);
     struct log_line ll;
     log_begin(&ll, LOG_WARNING, c->args.queue_id);
     log_kv(&ll, "plugin", "%s", pl->name);
@@ -405,7 +377,7 @@ plugin_fail_call(struct plugin_call *c)
     if (r->status == PLUA_ERROR) /* an earlier event handler failed already */
         return;
     r->error = xasprintf("plugin %s: hook %s: %s", pl->name, hook, c->why);
-    plugin_result_clear_answers(r);
+    plua_result_drop_answers(r);
     r->status = PLUA_ERROR;
     verdict_set_on_error(&r->verdict, c->set->on_error);
 }

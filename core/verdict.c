@@ -374,3 +374,16 @@ verdict_set_on_error(struct verdict *v, int on_error)
         return;
     }
 }
+
+const char *
+verdict_action_name(int action)
+{
+    switch (action) {
+    case MILTER_ACTION_ACCEPT:
+        return "accept";
+    case MILTER_ACTION_REJECT:
+        return "reject";
+    default:
+        return "tempfail";
+    }
+}

@@ -81,6 +81,9 @@ const char *verdict_split_text(const char *s, const char *dflt, char *esc, size_
  * lua.on_error (enum milter_action: accept, tempfail, reject): CONTINUE,
  * R_POLICY_TEMPFAIL or R_POLICY_REJECT. */
 void verdict_set_on_error(struct verdict *v, int on_error);
+/* The name of an enum milter_action (lua.on_error, a milter's
+ * default_action) for logs: "accept", "tempfail", "reject". */
+const char *verdict_action_name(int action);
 /* Deep copy; dst's previous contents are freed (dst may equal src). */
 void verdict_copy(struct verdict *dst, const struct verdict *src);
 /* Moves src into dst (dst's previous contents are freed); src becomes
