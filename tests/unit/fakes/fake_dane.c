@@ -148,25 +148,3 @@ dane_lookup_cancel(struct dane_lookup *l)
     free(l);
     fake_cancelled++;
 }
-
-void
-dane_tlsa_free(struct dane_tlsa *tlsa, size_t n)
-{
-    for (size_t i = 0; tlsa != NULL && i < n; i++)
-        free(tlsa[i].data);
-    free(tlsa);
-}
-
-void
-dane_result_reset(struct dane_result *res)
-{
-    dane_tlsa_free(res->tlsa, res->ntlsa);
-    memset(res, 0, sizeof(*res));
-}
-
-const char *
-dane_status_name(enum dane_status st)
-{
-    static const char *const names[] = {"secure", "unusable", "none", "insecure", "tempfail"};
-    return (size_t)st < sizeof(names) / sizeof(names[0]) ? names[st] : "?";
-}
